@@ -1,0 +1,219 @@
+"""torchvision Faster R-CNN adapter: detections with per-box features at named taps.
+
+Tap points (where a monitor can read features), in forward order:
+
+- ``box_head.input``  the RoIAlign feature of the box's proposal, flattened (the region
+  that certificates perturb);
+- ``box_head.output`` the box-head MLP output (penultimate features);
+- ``cls_logits``      the class logits, background column first.
+
+The forward pass is written out stage by stage (transform, backbone, RPN, RoI pooling,
+box head, predictor) instead of hooked, and NMS carries each proposal's row index through
+every filter, so each kept detection is tied to the exact feature row that produced it.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import detection
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.rpn import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops
+
+from certood.detectors.base import Detections
+from certood.errors import CertoodError
+
+TAP_POINTS = ("box_head.input", "box_head.output", "cls_logits")
+BUILTIN_WEIGHTS = {"digits_fasterrcnn": Path(__file__).resolve().parent.parent / "assets"
+                   / "digits_fasterrcnn.safetensors"}
+ARCHS = ("digits_fasterrcnn", "fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn")
+
+
+def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+def digits_fasterrcnn(num_classes: int = 6, **kwargs) -> detection.FasterRCNN:
+    """The demo detector: the standard two-stage Faster R-CNN on a 4-layer conv backbone.
+
+    About 1.0M parameters (stride 8, one feature map, anchors 16-48 px, RoIAlign 7x7,
+    TwoMLPHead 3136 -> 256 -> 256), sized for 128x128 DigitsDet canvases.
+
+    >>> model = digits_fasterrcnn(num_classes=6).eval()
+    """
+    backbone = nn.Sequential(_conv(3, 32, 2), _conv(32, 64, 2), _conv(64, 64, 2), _conv(64, 64, 1))
+    backbone.out_channels = 64
+    anchors = AnchorGenerator(sizes=((16, 24, 32, 48),), aspect_ratios=((0.5, 1.0, 2.0),))
+    options = dict(min_size=128, max_size=128, image_mean=[0.0] * 3, image_std=[1.0] * 3,
+                   rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=150)
+    options.update(kwargs)
+    return detection.FasterRCNN(
+        backbone,
+        num_classes=None,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2),
+        box_head=TwoMLPHead(64 * 7 * 7, 256),
+        box_predictor=FastRCNNPredictor(256, num_classes),
+        **options,
+    )
+
+
+def build_model(arch: str, num_classes: int, **kwargs) -> detection.FasterRCNN:
+    """A randomly initialised detector of a supported architecture (no downloads)."""
+    if arch == "digits_fasterrcnn":
+        return digits_fasterrcnn(num_classes, **kwargs)
+    if arch in ARCHS:
+        builder = getattr(detection, arch)
+        return builder(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+    raise CertoodError(f"unknown detector arch {arch!r}; expected one of: {', '.join(ARCHS)}")
+
+
+def resolve_weights(weights: str) -> Path:
+    if weights.startswith("builtin:"):
+        name = weights.split(":", 1)[1]
+        if name not in BUILTIN_WEIGHTS:
+            raise CertoodError(f"unknown builtin weights {name!r}; expected one of: "
+                               f"{', '.join(BUILTIN_WEIGHTS)}")
+        return BUILTIN_WEIGHTS[name]
+    return Path(weights)
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from safetensors, or a torch file read with ``weights_only=True`` (no pickle code)."""
+    if not path.exists():
+        raise CertoodError(f"detector weights not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise CertoodError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def postprocess_with_rows(roi_heads, class_logits: torch.Tensor, box_regression: torch.Tensor,
+                          proposals: list[torch.Tensor], image_shapes: list[tuple[int, int]]):
+    """torchvision's ``RoIHeads.postprocess_detections``, also returning each kept box's row.
+
+    The row indexes ``class_logits`` (and every tapped feature): one proposal can yield boxes
+    of several classes, all pointing at the same row.
+    """
+    num_classes = class_logits.shape[-1]
+    per_image = [p.shape[0] for p in proposals]
+    pred_boxes = roi_heads.box_coder.decode(box_regression, proposals)
+    pred_scores = F.softmax(class_logits, -1)
+    rows_all = torch.arange(class_logits.shape[0], device=class_logits.device)
+    out = []
+    for boxes, scores, rows, shape in zip(pred_boxes.split(per_image), pred_scores.split(per_image),
+                                          rows_all.split(per_image), image_shapes):
+        boxes = box_ops.clip_boxes_to_image(boxes, shape)
+        labels = torch.arange(num_classes, device=boxes.device).view(1, -1).expand_as(scores)
+        rows = rows.view(-1, 1).expand_as(scores)
+        boxes, scores, labels, rows = boxes[:, 1:], scores[:, 1:], labels[:, 1:], rows[:, 1:]
+        boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
+        labels, rows = labels.reshape(-1), rows.reshape(-1)
+        keep = torch.where(scores > roi_heads.score_thresh)[0]
+        boxes, scores, labels, rows = boxes[keep], scores[keep], labels[keep], rows[keep]
+        keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+        boxes, scores, labels, rows = boxes[keep], scores[keep], labels[keep], rows[keep]
+        keep = box_ops.batched_nms(boxes, scores, labels, roi_heads.nms_thresh)
+        keep = keep[: roi_heads.detections_per_img]
+        out.append((boxes[keep], scores[keep], labels[keep], rows[keep]))
+    return out
+
+
+class TorchvisionFasterRCNN:
+    """Adapter around a torchvision ``FasterRCNN``: images in, :class:`Detections` out.
+
+    >>> det = TorchvisionFasterRCNN(digits_fasterrcnn(6))
+    >>> [d] = det.detect([torch.rand(3, 128, 128)])
+    >>> sorted(d.taps)
+    ['box_head.input', 'box_head.output', 'cls_logits']
+    """
+
+    tap_points = TAP_POINTS
+
+    def __init__(self, model: detection.FasterRCNN, weights_sha256: str = "", device: str = "cpu"):
+        self.model = model.eval().to(device)
+        self.weights_sha256 = weights_sha256
+        self.device = device
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.roi_heads.box_predictor.cls_score.out_features)
+
+    def monitored_head(self) -> nn.Module:
+        """The part of the network between the ``box_head.input`` tap and ``cls_logits``."""
+        return nn.Sequential(self.model.roi_heads.box_head, self.model.roi_heads.box_predictor.cls_score)
+
+    @torch.no_grad()
+    def detect(self, images: list[torch.Tensor]) -> list[Detections]:
+        """Run the detector on float CHW images in [0, 1]; one :class:`Detections` per image."""
+        m = self.model
+        images = [img.to(self.device) for img in images]
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
+        batch, _ = m.transform(images)
+        features = m.backbone(batch.tensors)
+        if isinstance(features, torch.Tensor):
+            features = OrderedDict([("0", features)])
+        proposals, _ = m.rpn(batch, features)
+        rh = m.roi_heads
+        roi = rh.box_roi_pool(features, proposals, batch.image_sizes)
+        penultimate = rh.box_head(roi)
+        class_logits, box_regression = rh.box_predictor(penultimate)
+        taps = {"box_head.input": roi.flatten(1), "box_head.output": penultimate,
+                "cls_logits": class_logits}
+        results = []
+        kept = postprocess_with_rows(rh, class_logits, box_regression, proposals, batch.image_sizes)
+        for (boxes, scores, labels, rows), resized, original in zip(kept, batch.image_sizes, original_sizes):
+            boxes = _resize_boxes(boxes, resized, original)
+            results.append(Detections(
+                boxes=boxes.cpu(), labels=labels.cpu(), scores=scores.cpu(),
+                logits=class_logits[rows].cpu(),
+                taps={k: v[rows].cpu() for k, v in taps.items()},
+            ))
+        return results
+
+
+def _resize_boxes(boxes: torch.Tensor, resized: tuple[int, int], original: tuple[int, int]) -> torch.Tensor:
+    ry = original[0] / resized[0]
+    rx = original[1] / resized[1]
+    return boxes * torch.tensor([rx, ry, rx, ry], dtype=boxes.dtype, device=boxes.device)
+
+
+def load_detector(arch: str, weights: str, num_classes: int | None = None,
+                  device: str = "cpu", **options) -> TorchvisionFasterRCNN:
+    """Build ``arch``, load ``weights`` strictly, and wrap it in the adapter."""
+    path = resolve_weights(weights)
+    state = load_state_dict(path)
+    if num_classes is None:
+        key = "roi_heads.box_predictor.cls_score.weight"
+        if key not in state:
+            raise CertoodError(f"{path}: cannot infer num_classes (no {key}); set detector.num_classes")
+        num_classes = int(state[key].shape[0])
+    model = build_model(arch, num_classes, **options)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CertoodError(
+            f"{path}: weights do not fit arch {arch!r} with num_classes={num_classes}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return TorchvisionFasterRCNN(model, file_sha256(path), device)

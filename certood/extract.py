@@ -1,0 +1,99 @@
+"""Run a detector over a dataset once and keep what every score and metric needs.
+
+Features are extracted once per dataset and shared by every score (STYLE.md). Only the
+tap points the monitor reads are kept, so a 3,136-dim RoI feature is stored only when a
+score or a certificate asks for it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol
+
+import torch
+
+from certood.data.coco import CocoDataset
+from certood.detectors.base import Detections
+
+ProgressFactory = Callable[[Iterable, int, str], Iterable]
+
+
+class Detector(Protocol):
+    tap_points: tuple[str, ...]
+    weights_sha256: str
+
+    def detect(self, images: list[torch.Tensor]) -> list[Detections]: ...
+
+
+@dataclass(frozen=True)
+class DatasetDetections:
+    """All detections of one dataset, flattened over images (row = one box)."""
+
+    name: str
+    image_ids: torch.Tensor  # long [N]
+    boxes: torch.Tensor  # float [N, 4] xyxy
+    labels: torch.Tensor  # long [N]
+    det_scores: torch.Tensor  # float [N]
+    taps: dict[str, torch.Tensor]  # tap point -> [N, ...]
+    n_images: int  # images actually processed (unreadable ones are skipped)
+    seconds: float  # detector wall time, for cost ratios
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    def select(self, keep: torch.Tensor) -> "DatasetDetections":
+        return DatasetDetections(self.name, self.image_ids[keep], self.boxes[keep], self.labels[keep],
+                                 self.det_scores[keep], {k: v[keep] for k, v in self.taps.items()},
+                                 self.n_images, self.seconds)
+
+    def coco_results(self, label_to_category: list[int]) -> list[dict]:
+        """Detections in the COCO results format (for pycocotools)."""
+        out = []
+        for image_id, box, label, score in zip(self.image_ids.tolist(), self.boxes.tolist(),
+                                               self.labels.tolist(), self.det_scores.tolist()):
+            out.append({"image_id": image_id, "category_id": label_to_category[label - 1],
+                        "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score})
+        return out
+
+
+def _batches(items: Iterable, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def extract_detections(detector: Detector, dataset: CocoDataset, points: Iterable[str],
+                       batch_size: int = 8, progress: ProgressFactory | None = None) -> DatasetDetections:
+    """Detect on every readable image of ``dataset`` keeping the features at ``points``."""
+    import time
+
+    points = sorted(set(points))
+    images: Iterable = dataset.iter_images()
+    if progress is not None:
+        images = progress(images, len(dataset.records), dataset.name)
+    ids, boxes, labels, scores = [], [], [], []
+    taps: dict[str, list[torch.Tensor]] = {p: [] for p in points}
+    n_images, seconds = 0, 0.0
+    for batch in _batches(images, batch_size):
+        start = time.perf_counter()
+        results = detector.detect([image for _, image in batch])
+        seconds += time.perf_counter() - start
+        for (record, _), det in zip(batch, results):
+            n_images += 1
+            ids.append(torch.full((len(det),), record.image_id, dtype=torch.long))
+            boxes.append(det.boxes)
+            labels.append(det.labels)
+            scores.append(det.scores)
+            for p in points:
+                taps[p].append(det.taps[p])
+    if not ids:
+        empty = torch.zeros(0)
+        return DatasetDetections(dataset.name, empty.long(), empty.reshape(0, 4), empty.long(), empty,
+                                 {p: empty.reshape(0, 0) for p in points}, n_images, seconds)
+    return DatasetDetections(dataset.name, torch.cat(ids), torch.cat(boxes), torch.cat(labels),
+                             torch.cat(scores), {p: torch.cat(v) for p, v in taps.items()},
+                             n_images, seconds)

@@ -1,0 +1,178 @@
+"""The compiled monitor: taps + fitted scores + calibrated thresholds + the rule.
+
+``calibrate`` turns a :class:`~certood.spec.Spec` and a detector into a :class:`Monitor`:
+
+1. the detector-score threshold is the F1-optimal cutoff on the calibration (ID) set, the
+   rule of the published box-level protocol: only boxes at or above it are monitored;
+2. each score is fitted on ID boxes of the ``fit`` set (default: the calibration set),
+   labelled by their best-overlapping ground-truth object (IoU >= 0.5);
+3. each score's threshold is its ``tpr`` quantile on the calibration ID boxes, so that a
+   fraction ``tpr`` of ID boxes is below it (flag = score > threshold).
+
+Logit taps feed scores their foreground columns only (torchvision puts background first).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from certood.data.coco import CocoDataset
+from certood.errors import CertoodError, DataError
+from certood.extract import DatasetDetections, Detector, ProgressFactory, extract_detections
+from certood.metrics import f1_optimal_threshold, match_detections, match_to_any_class
+from certood.scores import Score, build_score
+from certood.spec import TAP_POINTS, Spec
+
+
+@dataclass
+class Monitor:
+    """Fitted scores, thresholds and the rule, bound to one spec and one detector."""
+
+    spec: Spec
+    scores: dict[str, Score]
+    thresholds: dict[str, float]
+    detector_threshold: float
+    label_to_category: list[int]  # detector label l (1-based) -> category id label_to_category[l-1]
+    detector_sha256: str
+    calibration: dict = field(default_factory=dict)  # box counts and dataset names, for reports
+
+    @property
+    def tap_points(self) -> set[str]:
+        return {self.spec.taps[s.tap] for s in self.spec.scores.values()}
+
+    def score_boxes(self, dets: DatasetDetections) -> dict[str, torch.Tensor]:
+        """Every score of the spec on every box of ``dets`` (higher = more OOD)."""
+        return {name: self.scores[name].score(score_input(self.spec, name, dets))
+                for name in self.spec.scores}
+
+    def flag(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The rule's verdict per box (True = flagged as OOD)."""
+        return self.spec.rule.evaluate(values, self.thresholds)
+
+
+def score_input(spec: Spec, score_name: str, dets: DatasetDetections) -> torch.Tensor:
+    """The features a score reads: its tap, foreground columns only for logit taps."""
+    point = spec.taps[spec.scores[score_name].tap]
+    x = dets.taps[point].float()
+    if TAP_POINTS[point] == "logits":
+        x = x[:, 1:]
+    return x.flatten(1)
+
+
+def load_dataset(source, name: str) -> CocoDataset:
+    """A spec data source as a dataset (DigitsDet is generated on first use)."""
+    if source.digitsdet is not None:
+        from certood.data.digitsdet import ensure_digitsdet, split_paths
+
+        annotations, images = split_paths(ensure_digitsdet(), source.digitsdet)
+    else:
+        annotations, images = source.annotations, source.images
+    return CocoDataset.load(annotations, images, max_images=source.max_images, name=name)
+
+
+def id_label_map(dataset: CocoDataset, num_classes: int) -> list[int]:
+    """Detector labels 1..C-1 map to the ID dataset's category ids in increasing order."""
+    ids = dataset.category_ids
+    if len(ids) != num_classes - 1:
+        raise DataError(f"{dataset.name}: expected {num_classes - 1} categories (detector has "
+                        f"{num_classes} classes incl. background), found {len(ids)}: {ids}")
+    return ids
+
+
+def _gt_labels(dataset: CocoDataset, label_to_category: list[int]) -> dict[int, tuple]:
+    cat_to_label = {c: i + 1 for i, c in enumerate(label_to_category)}
+    out = {}
+    for r in dataset.records:
+        labels = torch.tensor([cat_to_label.get(int(c), -1) for c in r.gt_categories], dtype=torch.long)
+        out[r.image_id] = (r.gt_boxes, labels)
+    return out
+
+
+def match_dataset(dets: DatasetDetections, dataset: CocoDataset, label_to_category: list[int],
+                  same_class: bool = True) -> torch.Tensor:
+    """Per box: TP flag (``same_class``) or the best-overlapping GT label (-1 if none)."""
+    gt = _gt_labels(dataset, label_to_category)
+    out = torch.full((len(dets),), -1, dtype=torch.long)
+    for image_id in dets.image_ids.unique().tolist():
+        rows = torch.nonzero(dets.image_ids == image_id).flatten()
+        gt_boxes, gt_labels = gt[image_id]
+        known = gt_labels >= 0
+        if same_class:
+            is_tp, _ = match_detections(dets.boxes[rows], dets.det_scores[rows], dets.labels[rows],
+                                        gt_boxes[known], gt_labels[known])
+            out[rows] = torch.from_numpy(is_tp.astype(np.int64))
+        else:
+            out[rows] = torch.from_numpy(match_to_any_class(dets.boxes[rows], gt_boxes[known],
+                                                            gt_labels[known]))
+    return out
+
+
+def count_known_gt(dataset: CocoDataset, label_to_category: list[int]) -> int:
+    known = set(label_to_category)
+    return sum(int(c) in known for r in dataset.records for c in r.gt_categories.tolist())
+
+
+def detector_threshold(spec: Spec, cal: DatasetDetections, cal_set: CocoDataset,
+                       label_to_category: list[int]) -> float:
+    """The spec's fixed detector-score cut, or the F1-optimal one on the calibration set."""
+    if spec.threshold.detector_score != "f1":
+        return float(spec.threshold.detector_score)
+    n_gt = count_known_gt(cal_set, label_to_category)
+    is_tp = match_dataset(cal, cal_set, label_to_category, same_class=True).bool()
+    if len(cal) == 0 or not bool(is_tp.any()):
+        raise DataError(f"calibration set: the detector found no true positive among {len(cal)} "
+                        f"boxes on {cal.n_images} images; cannot set a detector threshold")
+    return f1_optimal_threshold(cal.det_scores.numpy(), is_tp.numpy(), n_gt)
+
+
+def calibrate(spec: Spec, detector: Detector, num_classes: int,
+              progress: ProgressFactory | None = None) -> tuple[Monitor, dict[str, DatasetDetections]]:
+    """Fit every score and threshold of ``spec``; also returns the extracted detections."""
+    taps = {spec.taps[s.tap] for s in spec.scores.values()}
+    cal_set = load_dataset(spec.data.calibration, "calibration")
+    label_to_category = id_label_map(cal_set, num_classes)
+    cal = extract_detections(detector, cal_set, taps, progress=progress)
+    det_threshold = detector_threshold(spec, cal, cal_set, label_to_category)
+    cal = cal.select(cal.det_scores >= det_threshold)
+
+    if spec.data.fit is not None:
+        fit_set = load_dataset(spec.data.fit, "fit")
+        fit = extract_detections(detector, fit_set, taps, progress=progress)
+        fit = fit.select(fit.det_scores >= det_threshold)
+    else:
+        fit_set, fit = cal_set, cal
+    fit_labels = match_dataset(fit, fit_set, label_to_category, same_class=False)
+    fit = fit.select(fit_labels >= 0)
+    fit_labels = fit_labels[fit_labels >= 0] - 1  # contiguous 0..C-2 for class-conditional scores
+    if len(fit) == 0:
+        raise DataError("fit set: no detection overlaps a ground-truth object; cannot fit scores")
+
+    scores, thresholds = {}, {}
+    for name, s in spec.scores.items():
+        score = build_score(s.kind, s.params)
+        if score.needs_fit:
+            score.fit(score_input(spec, name, fit), fit_labels)
+        values = score.score(score_input(spec, name, cal))
+        thresholds[name] = float(torch.quantile(values.double(), spec.threshold.tpr))
+        scores[name] = score
+    monitor = Monitor(
+        spec=spec, scores=scores, thresholds=thresholds, detector_threshold=float(det_threshold),
+        label_to_category=label_to_category, detector_sha256=detector.weights_sha256,
+        calibration={"calibration_boxes": len(cal), "calibration_images": cal.n_images,
+                     "fit_boxes": len(fit), "fit_images": fit.n_images,
+                     "calibration_issues": list(cal_set.issues)})
+    return monitor, {"calibration": cal}
+
+
+def check_compatible(monitor: Monitor, spec: Spec, detector: Detector) -> None:
+    """Refuse a monitor calibrated for another spec or detector."""
+    if monitor.spec.fingerprint() != spec.fingerprint():
+        raise CertoodError("the monitor was calibrated for another spec (fingerprint "
+                           f"{monitor.spec.fingerprint()[:12]} != {spec.fingerprint()[:12]}); "
+                           "recalibrate with `certood calibrate`")
+    if monitor.detector_sha256 != detector.weights_sha256:
+        raise CertoodError("the monitor was calibrated for other detector weights (sha256 "
+                           f"{monitor.detector_sha256[:12]} != {detector.weights_sha256[:12]}); "
+                           "recalibrate with `certood calibrate`")

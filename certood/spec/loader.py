@@ -1,0 +1,223 @@
+"""Load a monitor spec: strict YAML -> schema validation -> cross-checks -> `Spec`.
+
+Every problem of a file is collected and located (file, line, column, key path) before
+anything is raised, so one run of `certood validate` shows them all.
+
+>>> spec = load_spec_text('''
+... version: 1
+... detector: {kind: torchvision, arch: digits_fasterrcnn, weights: "builtin:digits_fasterrcnn"}
+... data: {calibration: {digitsdet: val}}
+... taps: {logits: cls_logits}
+... scores: {energy: {tap: logits}}
+... ''')
+>>> spec.scores["energy"].params, spec.rule.source
+({'temperature': 1.0}, 'energy > t.energy')
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+from certood.errors import SpecError, SpecIssue
+from certood.spec.model import (
+    DataSource, DataSpec, DetectorSpec, OutputSpec, ScoreSpec, Spec, ThresholdSpec,
+)
+from certood.spec.rule import Rule, RuleProblem, check_rule
+from certood.spec.schema import Collector, Problem, did_you_mean
+from certood.spec.source import LINE_BREAK, Document, Loc, key_path_str, read_yaml
+from certood.spec.v1 import BUILTIN_WEIGHTS, SCORE_KIND_TABLE, SCORE_NAME, SPEC, TAP_POINTS
+
+def load_spec(path: str | Path) -> Spec:
+    """Load and validate a spec file; raises SpecError listing every error in it."""
+    spec, issues = _check_file(path)
+    if spec is None:
+        raise SpecError([i for i in issues if i.severity == "error"])
+    return spec
+
+
+def load_spec_text(text: str | bytes, filename: str = "<string>", base_dir: Path | None = None) -> Spec:
+    """Like `load_spec` for text in memory; relative paths resolve against `base_dir`
+    (default: the current directory)."""
+    spec, issues = check_spec_text(text, filename, base_dir)
+    if spec is None:
+        raise SpecError([i for i in issues if i.severity == "error"])
+    return spec
+
+
+def check_spec_file(path: str | Path) -> list[SpecIssue]:
+    """Every issue (errors and warnings) of a spec file; never raises for bad content."""
+    return _check_file(path)[1]
+
+
+def _check_file(path: str | Path) -> tuple[Spec | None, list[SpecIssue]]:
+    try:
+        data = Path(path).read_bytes()
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        found = getattr(e, "strerror", None) or str(e)
+        return None, [SpecIssue(str(path), 1, 1, "", "a readable spec file", found)]
+    absolute = Path(os.path.abspath(path))
+    spec, issues = check_spec_text(data, str(path), absolute.parent)
+    return (spec and dataclasses.replace(spec, path=absolute)), issues
+
+
+def check_spec_text(text: str | bytes, filename: str = "<string>",
+                    base_dir: Path | None = None) -> tuple[Spec | None, list[SpecIssue]]:
+    """(spec or None, all issues sorted by position); the spec is None iff there are errors."""
+    doc = read_yaml(text, filename)
+    if doc.value is None:
+        return None, doc.issues
+    ctx = Collector()
+    norm = SPEC.validate(doc.value, (), ctx)
+    _cross_check(norm, doc.value, ctx)
+    issues = doc.issues + [_locate(p, doc, filename) for p in ctx.problems]
+    rule, rule_issues = _check_rule(norm, doc, filename)
+    issues = sorted(issues + rule_issues, key=lambda i: (i.line, i.column))
+    if rule is None or any(i.severity == "error" for i in issues):
+        return None, issues
+    warnings = tuple(i for i in issues if i.severity == "warning")
+    base = Path(os.path.abspath(base_dir if base_dir is not None else Path.cwd()))
+    return _build(norm, doc.value, rule, base, warnings), issues
+
+
+# --- locating ------------------------------------------------------------------------------
+def _locate(problem: Problem, doc: Document, file: str, severity: str = "error") -> SpecIssue:
+    """Attach a position: the key or value at the problem's path, else its nearest ancestor."""
+    path = problem.path
+    loc = (doc.keys.get(path) if problem.at_key else None) or doc.values.get(path)
+    while loc is None and path:
+        path = path[:-1]
+        loc = doc.keys.get(path) or doc.values.get(path)
+    loc = loc or Loc(1, 1)
+    return SpecIssue(file, loc.line, loc.column, key_path_str(problem.path),
+                     problem.expected, problem.found, problem.hint, severity)
+
+
+def _position_in_string(loc: Loc, value: str, offset: int) -> tuple[int, int]:
+    """Source position of `value[offset]` for a single-line plain or quoted scalar without
+    escapes; otherwise (folded, block, escaped) the scalar's own start."""
+    src = loc.source
+    if not LINE_BREAK.search(src):
+        if src == value:
+            return loc.line, loc.column + offset
+        if len(src) >= 2 and src[0] in "'\"" and src[-1] == src[0] and src[1:-1] == value:
+            return loc.line, loc.column + 1 + offset
+    return loc.line, loc.column
+
+
+# --- cross-checks: relations between keys that a per-key schema cannot see -----------------
+def _cross_check(norm, raw: dict, ctx: Collector) -> None:
+    if not isinstance(norm, dict):
+        return
+    _check_weights(norm.get("detector"), ctx)
+    taps_raw, data_raw = raw.get("taps"), raw.get("data")
+    taps = norm.get("taps") if isinstance(norm.get("taps"), dict) else {}
+    fitted = []
+    scores = norm.get("scores") if isinstance(norm.get("scores"), dict) else {}
+    for name, score in scores.items():
+        if not isinstance(score, dict):
+            continue
+        kind = SCORE_KIND_TABLE[score["kind"]]
+        if kind.needs_fit:
+            fitted.append(f"'{name}' ({score['kind']})")
+        tap = score.get("tap")
+        if not isinstance(tap, str) or not isinstance(taps_raw, dict) or not taps_raw:
+            continue
+        if tap not in taps_raw:
+            ctx.add(("scores", name, "tap"), f"a tap defined under taps (one of: {', '.join(taps_raw)})",
+                    repr(tap), did_you_mean(tap, taps_raw) or "define it under taps")
+        elif kind.tap_point and taps.get(tap) in TAP_POINTS and TAP_POINTS[taps[tap]] != kind.tap_point:
+            _wrong_tap_point(name, score["kind"], tap, taps, kind.tap_point, ctx)
+    if fitted and isinstance(data_raw, dict) and "fit" not in data_raw:
+        ctx.add(("data", "fit"), f"a data source the scores {', '.join(fitted)} are fitted on",
+                "nothing", "add e.g. fit: {digitsdet: train}")
+
+
+def _wrong_tap_point(name: str, kind: str, tap: str, taps: dict, need: str, ctx: Collector) -> None:
+    points = [p for p, t in TAP_POINTS.items() if t == need]
+    fitting = [t for t, p in taps.items() if p in points]
+    hint = (f"taps at {need} points: {', '.join(fitting)}" if fitting
+            else f"define one, e.g. {need}: {points[0]}")
+    ctx.add(("scores", name, "tap"), f"a tap at a {need} point ({', '.join(points)}) for score kind {kind}",
+            f"'{tap}' at {taps[tap]} ({TAP_POINTS[taps[tap]]})", hint)
+
+
+def _check_weights(detector, ctx: Collector) -> None:
+    if not isinstance(detector, dict):
+        return
+    weights, arch = detector.get("weights"), detector.get("arch")
+    if isinstance(weights, str) and weights.startswith("builtin:") and isinstance(arch, str):
+        fits = BUILTIN_WEIGHTS[weights.removeprefix("builtin:")]
+        if fits != arch:
+            ctx.add(("detector", "weights"), f"weights for arch {arch}",
+                    f"'{weights}', which is for arch {fits}", f"set arch: {fits}, or give a weights path")
+
+
+def _check_rule(norm, doc: Document, file: str) -> tuple[Rule | None, list[SpecIssue]]:
+    """Parse the rule (or build the default one) and locate its problems inside the string."""
+    raw = doc.value
+    scores_raw = raw.get("scores")
+    defined = ([k for k in scores_raw if re.fullmatch(SCORE_NAME, k)] if isinstance(scores_raw, dict) else [])
+    if "rule" not in raw:
+        source = " or ".join(f"{n} > t.{n}" for n in defined)
+        return (check_rule(source, set(defined))[0] if defined else None), []
+    source = norm.get("rule") if isinstance(norm, dict) else None
+    if not isinstance(source, str):
+        return None, []
+    rule, problems = check_rule(source, set(defined) if isinstance(scores_raw, dict) else None)
+    loc = doc.values[("rule",)]
+    issues = [_rule_issue(p, loc, source, file) for p in problems]
+    if rule is not None:
+        for name in (n for n in defined if n not in rule.names()):
+            unused = Problem(("scores", name), "a score the rule reads", f"score '{name}' unused by the rule",
+                             "use it in rule, or remove it", at_key=True)
+            issues.append(_locate(unused, doc, file, "warning"))
+    return rule, issues
+
+
+def _rule_issue(problem: RuleProblem, loc: Loc, source: str, file: str) -> SpecIssue:
+    line, column = _position_in_string(loc, source, problem.pos)
+    return SpecIssue(file, line, column, "rule", problem.expected, problem.found, problem.hint)
+
+
+# --- building the dataclasses (only for a spec without errors) ------------------------------
+def _build(norm: dict, raw: dict, rule: Rule, base: Path, warnings: tuple) -> Spec:
+    det, data = norm["detector"], norm["data"]
+    weights = det["weights"]
+    if not weights.startswith("builtin:"):
+        weights = str(_resolve(base, weights))
+    detector = DetectorSpec(
+        kind=det["kind"], arch=det["arch"], weights=weights, num_classes=det.get("num_classes"),
+        min_size=det.get("min_size"), max_size=det.get("max_size"),
+        score_thresh=det["score_thresh"], device=det["device"],
+    )
+
+    def source(d: dict | None) -> DataSource | None:
+        if d is None:
+            return None
+        return DataSource(digitsdet=d.get("digitsdet"), annotations=_resolve(base, d.get("annotations")),
+                          images=_resolve(base, d.get("images")), max_images=d.get("max_images"))
+
+    return Spec(
+        path=None,
+        version=norm["version"],
+        detector=detector,
+        data=DataSpec(fit=source(data.get("fit")), calibration=source(data["calibration"]),
+                      id_test=source(data.get("id_test")),
+                      ood={k: source(v) for k, v in (data.get("ood") or {}).items()}),
+        taps=dict(norm["taps"]),
+        scores={name: ScoreSpec(kind=s["kind"], tap=s["tap"],
+                                params={p: s[p] for p in SCORE_KIND_TABLE[s["kind"]].params})
+                for name, s in norm["scores"].items()},
+        threshold=ThresholdSpec(**norm.get("threshold", {})),
+        rule=rule,
+        output=OutputSpec(dir=_resolve(base, (norm.get("output") or {}).get("dir"))),
+        warnings=warnings,
+        raw=raw,
+    )
+
+
+def _resolve(base: Path, path: str | None) -> Path | None:
+    """An absolute, normalised path; relative ones are taken from the spec's directory."""
+    return None if path is None else Path(os.path.normpath(os.path.join(base, path)))

@@ -1,0 +1,298 @@
+"""Strict YAML reading: bytes -> plain values, each with its 1-based source position.
+
+Only PyYAML's scanner and parser run (an event stream); no constructor ever does. A tag
+therefore cannot build an object, and an alias cannot expand (aliases and anchors are
+rejected outright, which also defuses "billion laughs" bombs).
+
+>>> doc = read_yaml(b"a:\\n  b: 1\\n", "m.yaml")
+>>> doc.value, doc.values[("a", "b")], doc.issues
+({'a': {'b': 1}}, Loc(line=2, column=6, source='1'), [])
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import yaml
+from yaml.events import (
+    AliasEvent,
+    CollectionStartEvent,
+    MappingEndEvent,
+    ScalarEvent,
+    SequenceEndEvent,
+    SequenceStartEvent,
+    StreamEndEvent,
+)
+from yaml.nodes import ScalarNode
+
+from certood.errors import SpecIssue
+
+KeyPath = tuple  # of str (mapping keys) and int (list indices)
+
+
+class _Invalid:
+    def __repr__(self) -> str:
+        return "INVALID"
+
+
+INVALID = _Invalid()  # a value rejected and reported already (an alias, a bad number...)
+
+MAX_DEPTH = 64  # nesting deeper than any spec needs; keeps every walker far from recursion limits
+LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")  # what YAML counts as a line break
+_TAG_PREFIX = "tag:yaml.org,2002:"
+
+
+@dataclass(frozen=True)
+class Loc:
+    """Where a node starts (1-based), and its text as written for scalars ("" otherwise)."""
+
+    line: int
+    column: int
+    source: str = ""
+
+
+@dataclass
+class Document:
+    """A parsed YAML document: plain value, positions by key path, problems found while reading.
+
+    `value` is None when nothing usable was read (then `issues` says why); rejected parts
+    (aliases, malformed numbers) are INVALID.
+    """
+
+    value: object
+    values: dict[KeyPath, Loc] = field(default_factory=dict)  # where each value starts
+    keys: dict[KeyPath, Loc] = field(default_factory=dict)  # where each mapping key is written
+    issues: list[SpecIssue] = field(default_factory=list)
+
+
+def key_path_str(path: KeyPath) -> str:
+    """Dotted key path for people.
+
+    >>> key_path_str(("scores", "maha", "tap")), key_path_str(("a", 0, "b"))
+    ('scores.maha.tap', 'a[0].b')
+    """
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def line_col(text: str, index: int) -> tuple[int, int]:
+    """1-based (line, column) of a character index, counting line breaks as YAML does.
+
+    >>> line_col("ab\\r\\ncd", 5)
+    (2, 2)
+    """
+    line, start = 1, 0
+    for m in LINE_BREAK.finditer(text, 0, index):
+        line, start = line + 1, m.end()
+    return line, index - start + 1
+
+
+def decode_utf8(data: bytes, file: str) -> tuple[str | None, list[SpecIssue]]:
+    """Decode spec bytes; a bad byte becomes an issue located at its line and column.
+
+    >>> decode_utf8(b"a: 1\\nb: \\xff", "m.yaml")[1][0].column
+    4
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = data[: e.start]
+        line_start = before.rfind(b"\n") + 1
+        line = before.count(b"\n") + 1
+        column = len(before[line_start:].decode("utf-8", "replace")) + 1
+        found = f"byte 0x{data[e.start]:02x}, which is not valid UTF-8"
+        issue = SpecIssue(file, line, column, "", "UTF-8 text", found, "save the file as UTF-8")
+        return None, [issue]
+    return text.removeprefix("\ufeff"), []
+
+
+def describe(value: object) -> str:
+    """How a found value reads in an error message.
+
+    >>> describe(None), describe(True), describe("x" * 3), describe({})
+    ('nothing (null)', 'boolean true', "'xxx'", 'a mapping')
+    """
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"boolean {'true' if value else 'false'}"
+    if isinstance(value, int):  # bit_length guard: str() of a huge int raises ValueError
+        return f"integer {value}" if value.bit_length() < 128 else "a very large integer"
+    if isinstance(value, float):
+        return f"number {value!r}"
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 60 else repr(value[:57]) + "..."
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+def read_yaml(text: str | bytes, file: str) -> Document:
+    """Read one YAML document strictly into plain values with positions (see module doc)."""
+    if isinstance(text, bytes):
+        decoded, issues = decode_utf8(text, file)
+        if decoded is None:
+            return Document(None, issues=issues)
+        text = decoded
+    return _Reader(text, file).read()
+
+
+class _Reader:
+    """Walks PyYAML's event stream, building plain values and recording positions."""
+
+    def __init__(self, text: str, file: str):
+        self.text, self.file = text, file
+        self.doc = Document(None)
+        self.aliases_seen: set[str] = set()
+        self.events: yaml.SafeLoader | None = None
+
+    def issue(self, mark, path: KeyPath, expected: str, found: str, hint: str = "") -> None:
+        """Record a problem at a PyYAML mark (0-based), a Loc (1-based) or, for None, 1:1."""
+        if isinstance(mark, Loc):
+            line, column = mark.line, mark.column
+        else:
+            line, column = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+        self.doc.issues.append(
+            SpecIssue(self.file, line, column, key_path_str(path), expected, found, hint)
+        )
+
+    def read(self) -> Document:
+        try:
+            self.events = yaml.SafeLoader(self.text)  # only its parser/resolver are used
+            self._read_stream()
+        except yaml.MarkedYAMLError as e:
+            self.doc.value = None
+            found = e.problem or "invalid YAML"
+            hint = f"{e.context}" if e.context else ""
+            self.issue(e.problem_mark or e.context_mark, (), "valid YAML", found, hint)
+        except yaml.reader.ReaderError as e:  # a character YAML does not allow
+            self.doc.value = None
+            line, column = line_col(self.text, e.position)
+            found = f"character {e.character:#06x}, which YAML does not allow"
+            self.doc.issues.append(SpecIssue(self.file, line, column, "", "valid YAML", found))
+        finally:
+            if self.events is not None:
+                self.events.dispose()
+        return self.doc
+
+    def _read_stream(self) -> None:
+        ev = self.events
+        ev.get_event()  # StreamStart
+        if ev.check_event(StreamEndEvent):
+            self.issue(None, (), "a mapping of spec keys", "an empty document")
+            return
+        start = ev.get_event().start_mark  # DocumentStart
+        value = self._node((), 0)
+        ev.get_event()  # DocumentEnd
+        if value is INVALID:  # the whole document was rejected, and reported
+            return
+        if value is None:
+            self.issue(start, (), "a mapping of spec keys", "an empty document")
+            return
+        if not isinstance(value, dict):
+            self.issue(self.doc.values.get(()), (), "a mapping of spec keys", describe(value))
+            return
+        self.doc.value = value
+        if not ev.check_event(StreamEndEvent):
+            self.issue(ev.peek_event().start_mark, (), "a single YAML document",
+                       "a second document", "remove the '---' separator and what follows it")
+
+    def _node(self, path: KeyPath, depth: int, record: bool = True):
+        """Consume one node's events and return its plain value (INVALID where rejected)."""
+        event = self.events.get_event()
+        mark = event.start_mark
+        if record:
+            source = self.text[mark.index : event.end_mark.index] if isinstance(event, ScalarEvent) else ""
+            self.doc.values[path] = Loc(mark.line + 1, mark.column + 1, source)
+        if isinstance(event, AliasEvent):
+            if event.anchor not in self.aliases_seen:
+                self.aliases_seen.add(event.anchor)
+                self.issue(mark, path, "a plain value (aliases are not allowed)",
+                           f"alias *{event.anchor}", "write the value out in full")
+            return INVALID
+        if event.anchor is not None:
+            self.issue(mark, path, "a plain value (anchors are not allowed)",
+                       f"anchor &{event.anchor}", "remove the anchor")
+        if event.tag is not None:
+            tag = event.tag.replace(_TAG_PREFIX, "!!")
+            self.issue(mark, path, "an untagged value", f"tag {tag}",
+                       "remove the tag: specs are plain data")
+        if isinstance(event, ScalarEvent):
+            return self._scalar(event, path)
+        if depth >= MAX_DEPTH:
+            self.issue(mark, path, f"at most {MAX_DEPTH} levels of nesting", "deeper nesting")
+            self._skip_collection()
+            return INVALID
+        if isinstance(event, SequenceStartEvent):
+            items = []
+            while not self.events.check_event(SequenceEndEvent):
+                items.append(self._node(path + (len(items),), depth + 1, record))
+            self.events.get_event()
+            return items
+        return self._mapping(path, depth, record)
+
+    def _mapping(self, path: KeyPath, depth: int, record: bool) -> dict:
+        out: dict = {}
+        first: dict[str, object] = {}
+        while not self.events.check_event(MappingEndEvent):
+            mark = self.events.peek_event().start_mark
+            key = self._node(path, depth + 1, record=False)
+            if key is INVALID:  # an alias as key: reported already
+                self._node(path, depth + 1, record=False)
+                continue
+            if not isinstance(key, str):
+                hint = "quote the key" if not isinstance(key, (dict, list)) else ""
+                self.issue(mark, path, "a string key", describe(key), hint)
+                self._node(path, depth + 1, record=False)
+                continue
+            if key in first:
+                at = first[key]
+                self.issue(mark, path + (key,), "each key at most once",
+                           f"duplicate key '{key}' (first at line {at.line + 1}, column {at.column + 1})",
+                           "remove one of them")
+                self._node(path + (key,), depth + 1, record=False)
+                continue
+            first[key] = mark
+            if record:
+                self.doc.keys[path + (key,)] = Loc(mark.line + 1, mark.column + 1, key)
+            out[key] = self._node(path + (key,), depth + 1, record)
+            if record and out[key] is None and self.doc.values[path + (key,)].source == "":
+                self.doc.values[path + (key,)] = self.doc.keys[path + (key,)]  # `key:` with no value
+        self.events.get_event()
+        return out
+
+    def _skip_collection(self) -> None:
+        depth = 1
+        while depth:
+            event = self.events.get_event()
+            if isinstance(event, CollectionStartEvent):
+                depth += 1
+            elif isinstance(event, (MappingEndEvent, SequenceEndEvent)):
+                depth -= 1
+
+    def _scalar(self, event: ScalarEvent, path: KeyPath):
+        """Plain scalars resolve as YAML 1.1 (null/bool/int/float); everything else is a string."""
+        if event.style is not None:  # quoted or block: always a string
+            return event.value
+        node = ScalarNode(None, event.value, event.start_mark, event.end_mark)
+        tag = self.events.resolve(ScalarNode, event.value, (True, False))
+        convert = {
+            _TAG_PREFIX + "null": lambda: None,
+            _TAG_PREFIX + "bool": lambda: self.events.construct_yaml_bool(node),
+            _TAG_PREFIX + "int": lambda: self.events.construct_yaml_int(node),
+            _TAG_PREFIX + "float": lambda: self.events.construct_yaml_float(node),
+        }.get(tag)
+        if convert is None:  # str, and YAML 1.1 timestamps/merge keys, kept as written
+            return event.value
+        try:
+            return convert()
+        except ValueError:  # e.g. "0x_" or an int past Python's digit limit
+            self.issue(event.start_mark, path, "a valid number", repr(event.value[:40]), "quote it if it is text")
+            return INVALID
