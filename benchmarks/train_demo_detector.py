@@ -21,9 +21,7 @@ import torch
 
 from certood.data.coco import CocoDataset
 from certood.data.digitsdet import ensure_digitsdet, split_paths
-from certood.detectors.torchvision_frcnn import TorchvisionFasterRCNN, digits_fasterrcnn, file_sha256
-
-ASSETS = Path(__file__).resolve().parent.parent / "certood" / "assets"
+from certood.detectors.torchvision_frcnn import ASSETS, TorchvisionFasterRCNN, digits_fasterrcnn, file_sha256
 
 
 def targets_for(record, category_to_label: dict[int, int]) -> dict[str, torch.Tensor]:

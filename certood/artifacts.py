@@ -10,9 +10,11 @@ refuses a monitor made for another spec or detector.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +26,8 @@ from certood.spec import Spec
 
 FORMAT = "certood-monitor"
 FORMAT_VERSION = 1
+REQUIRED_KEYS = ("spec_fingerprint", "detector_sha256", "detector_threshold", "thresholds",
+                 "label_to_category", "scores_sha256")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -66,7 +70,7 @@ def save_monitor(monitor, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     tensors = {f"{name}/{key}": t.detach().cpu().contiguous()
                for name, score in monitor.scores.items() for key, t in score.state_tensors().items()}
-    atomic_write_bytes(out_dir / "scores.safetensors", save(tensors))
+    blob = save(tensors)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -81,9 +85,26 @@ def save_monitor(monitor, out_dir: Path) -> Path:
                    for name, s in monitor.spec.scores.items()},
         "calibration": monitor.calibration,
         "seed": 0,
+        "scores_sha256": hashlib.sha256(blob).hexdigest(),
         "versions": versions(),
     }
-    atomic_write_json(out_dir / "manifest.json", manifest)  # written last: its presence = complete
+    # The whole directory is built aside and swapped in, so a reader sees the old monitor or
+    # the new one; the manifest also pins the tensors' hash, so a mixture is refused on load.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        atomic_write_bytes(staging / "scores.safetensors", blob)
+        atomic_write_json(staging / "manifest.json", manifest)
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / "monitor")
+        os.replace(staging, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
@@ -102,13 +123,17 @@ def read_manifest(monitor_dir: Path) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: expected format_version {FORMAT_VERSION}, "
                             f"found {manifest.get('format_version')!r}")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise ArtifactError(f"{path}: expected keys {', '.join(REQUIRED_KEYS)}, "
+                            f"missing {', '.join(missing)}")
     return manifest
 
 
 def load_monitor(monitor_dir: Path, spec: Spec, detector_sha256: str):
     """Load a monitor for ``spec`` and the detector with ``detector_sha256``, or refuse."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     from certood.monitor import Monitor
     from certood.scores import build_score
@@ -123,10 +148,18 @@ def load_monitor(monitor_dir: Path, spec: Spec, detector_sha256: str):
         raise ArtifactError(
             f"{monitor_dir}: calibrated for other detector weights (sha256 "
             f"{manifest['detector_sha256'][:12]}, these weights {detector_sha256[:12]}); recalibrate")
+    scores_path = Path(monitor_dir) / "scores.safetensors"
     try:
-        tensors = load_file(str(Path(monitor_dir) / "scores.safetensors"))
-    except (OSError, SafetensorError) as e:
-        raise ArtifactError(f"{monitor_dir}/scores.safetensors: unreadable ({e})") from None
+        blob = scores_path.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{scores_path}: unreadable ({e})") from None
+    if hashlib.sha256(blob).hexdigest() != manifest["scores_sha256"]:
+        raise ArtifactError(f"{scores_path}: does not belong to this manifest (sha256 differs); "
+                            "recalibrate")
+    try:
+        tensors = load(blob)
+    except (SafetensorError, ValueError) as e:
+        raise ArtifactError(f"{scores_path}: unreadable ({e})") from None
     scores = {}
     for name, s in spec.scores.items():
         score = build_score(s.kind, s.params)

@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 from certood import report
-from certood.artifacts import atomic_write_json, atomic_write_text, load_monitor, save_monitor, versions
+from certood.artifacts import (
+    atomic_write_json, atomic_write_text, load_monitor, read_manifest, save_monitor, versions,
+)
 from certood.errors import CertoodError
 from certood.extract import DatasetDetections, ProgressFactory, extract_detections
 from certood.metrics import coco_map, ood_metrics
@@ -82,6 +84,8 @@ def run_check(spec: Spec, out_dir: Path, monitor_dir: Path | None = None,
               progress: ProgressFactory | None = None) -> CheckResult:
     """Calibrate (or load) the monitor, score every dataset of the spec, write the outputs."""
     out_dir = Path(out_dir)
+    if monitor_dir is not None:
+        read_manifest(monitor_dir)  # fail fast, before the detector loads
     detector = load_spec_detector(spec)
     if monitor_dir is not None:
         monitor = load_monitor(monitor_dir, spec, detector.weights_sha256)

@@ -146,6 +146,100 @@ def check(ctx: click.Context, spec_path: Path, monitor_dir: Path | None, out: Pa
     _run(work, ctx.obj["debug"])
 
 
+GATE_EXIT_CODES = """\b
+Exit codes:
+  0  every policy passed (WARN and SKIPPED pass, unless --warn-as-fail)
+  1  a policy FAILED (or a WARN under --warn-as-fail)
+  2  usage, spec or policy file error (whatever the flags)
+  3  no FAIL, but a policy is ERROR: its metric could not be read (results
+     missing or corrupt, a data set or score missing, NaN)
+--exit-zero turns 1 and 3 (and data errors) into 0; never 2 (internal
+  errors, which are bugs, still exit 3)."""
+
+
+def _gate_exit_code(report, warn_as_fail: bool) -> int:
+    from certood.gate import Status
+
+    statuses = set(report.statuses)
+    if Status.FAIL in statuses or (warn_as_fail and Status.WARN in statuses):
+        return EXIT_FAILED
+    return EXIT_RUNTIME if Status.ERROR in statuses else EXIT_OK
+
+
+def _write_output(path: Path, text: str, what: str) -> None:
+    from certood.artifacts import atomic_write_text
+
+    try:
+        atomic_write_text(path, text)
+    except OSError as e:
+        raise CertoodError(f"{path}: cannot write the {what} ({e.strerror or e})") from None
+    click.echo(f"{what} written to {path}", err=True)
+
+
+@main.command(epilog=GATE_EXIT_CODES)
+@click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
+@click.option("--results", "results_dir", required=True, type=click.Path(path_type=Path),
+              help="A `certood check` output directory (its metrics.json) to judge.")
+@click.option("--baseline", "baseline_dir", type=click.Path(path_type=Path), default=None,
+              help="The `certood check` output of the baseline model, for baseline policies.")
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path), default=None,
+              help="A policy file (gate: [...]) checked in addition to the spec's gate: list.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "junit", "github"]), default="text",
+              help="stdout format; json, junit and github print only their payload.")
+@click.option("--junit", "junit_path", type=click.Path(path_type=Path), default=None,
+              help="Also write JUnit XML to this file.")
+@click.option("--summary", "summary_path", type=click.Path(path_type=Path), default=None,
+              help="Also write a Markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY).")
+@click.option("--warn-as-fail", is_flag=True, help="A WARN fails the gate (exit 1).")
+@click.option("--exit-zero", is_flag=True, help="Exit 0 even when the gate fails or errs (report only).")
+@click.pass_context
+def gate(ctx: click.Context, spec_path: Path, results_dir: Path, baseline_dir: Path | None,
+         policy_path: Path | None, fmt: str, junit_path: Path | None, summary_path: Path | None,
+         warn_as_fail: bool, exit_zero: bool) -> None:
+    """Pass or fail a release: judge a check's metrics.json against the spec's gate policies."""
+    def work() -> int:
+        from certood import gate as gating
+        from certood.errors import UsageError
+        from certood.spec import load_spec
+        from certood.spec.loader import load_policy_file
+
+        spec = load_spec(spec_path)
+        policies = spec.gate + (load_policy_file(policy_path, spec) if policy_path is not None else ())
+        if not policies:
+            raise UsageError(f"{spec_path}: no gate policies: add a gate: list to the spec or pass --policy FILE")
+        if baseline_dir is not None and not any(p.is_baseline for p in policies):
+            click.echo("note: --baseline given, but no policy compares with a baseline", err=True)
+        report = gating.evaluate_gate(spec, policies, results_dir, baseline_dir)
+        for label, run in (("results", report.candidate), ("baseline", report.baseline)):
+            if run is not None and run.error:
+                click.echo(f"error: {label}: {run.error}", err=True)
+        if fmt == "json":
+            click.echo(gating.render_json(report), nl=False)
+        elif fmt == "junit":
+            click.echo(gating.render_junit(report, warn_as_fail), nl=False)
+        elif fmt == "github":
+            click.echo(gating.render_github(report, warn_as_fail), nl=False)
+        else:
+            click.echo(gating.render_text(report, warn_as_fail), nl=False)
+        if junit_path is not None:
+            _write_output(junit_path, gating.render_junit(report, warn_as_fail), "JUnit XML")
+        if summary_path is not None:
+            _write_output(summary_path, gating.render_markdown(report, warn_as_fail), "Markdown summary")
+        return _gate_exit_code(report, warn_as_fail)
+
+    def guarded() -> int:
+        try:
+            return work()
+        except CertoodError as err:
+            if not exit_zero or err.exit_code == EXIT_USAGE:
+                raise
+            click.echo(f"error: {err}", err=True)
+            return EXIT_OK
+
+    code = _run(guarded, ctx.obj["debug"])
+    sys.exit(EXIT_OK if exit_zero else code)
+
+
 @main.group()
 def data() -> None:
     """Bundled datasets."""

@@ -155,7 +155,8 @@ def calibrate(spec: Spec, detector: Detector, num_classes: int,
         if score.needs_fit:
             score.fit(score_input(spec, name, fit), fit_labels)
         values = score.score(score_input(spec, name, cal))
-        thresholds[name] = float(torch.quantile(values.double(), spec.threshold.tpr))
+        # "higher": at least a fraction tpr of calibration boxes is <= the threshold, never fewer
+        thresholds[name] = float(torch.quantile(values.double(), spec.threshold.tpr, interpolation="higher"))
         scores[name] = score
     monitor = Monitor(
         spec=spec, scores=scores, thresholds=thresholds, detector_threshold=float(det_threshold),

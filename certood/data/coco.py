@@ -64,6 +64,10 @@ class CocoDataset:
             raise DataError(f"{annotations}: not a readable JSON file ({e})") from None
         if not isinstance(raw, dict) or not isinstance(raw.get("images"), list):
             raise DataError(f"{annotations}: expected a COCO object with an 'images' list")
+        for key in ("annotations", "categories"):
+            if not isinstance(raw.get(key, []), list):
+                raise DataError(f"{annotations}: expected '{key}' to be a list, "
+                                f"found {type(raw[key]).__name__}")
         issues: list[str] = []
         images_by_id: dict[int, dict] = {}
         for i, im in enumerate(raw["images"]):
@@ -79,8 +83,10 @@ class CocoDataset:
             try:
                 x, y, w, h = (float(v) for v in a["bbox"])
                 image_id, cat = int(a["image_id"]), int(a["category_id"])
+                area, iscrowd = float(a.get("area", w * h)), int(a.get("iscrowd", 0))
             except (KeyError, TypeError, ValueError):
-                issues.append(f"{annotations}: annotations[{i}] has no valid bbox/image_id/category_id; skipped")
+                issues.append(f"{annotations}: annotations[{i}] has no valid bbox/image_id/"
+                              "category_id/area/iscrowd; skipped")
                 continue
             if not (w > 0 and h > 0 and np.isfinite([x, y, w, h]).all()):
                 issues.append(f"{annotations}: annotations[{i}] has a degenerate bbox {a['bbox']}; skipped")
@@ -90,8 +96,7 @@ class CocoDataset:
                     issues.append(f"{annotations}: annotations[{i}] points to unknown image {image_id}; skipped")
                 continue
             anns.append({**a, "id": len(anns) + 1, "image_id": image_id, "category_id": cat,
-                         "bbox": [x, y, w, h], "area": float(a.get("area", w * h)),
-                         "iscrowd": int(a.get("iscrowd", 0))})
+                         "bbox": [x, y, w, h], "area": area, "iscrowd": iscrowd})
         coco = {"images": list(images_by_id.values()), "annotations": anns,
                 "categories": raw.get("categories", [])}
         by_image: dict[int, list[dict]] = {k: [] for k in images_by_id}

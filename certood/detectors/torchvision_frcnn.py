@@ -27,11 +27,11 @@ from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops
 
 from certood.detectors.base import Detections
 from certood.errors import CertoodError
+from certood.spec.v1 import ARCHS, BUILTIN_WEIGHTS as SPEC_BUILTIN_WEIGHTS, TAP_POINTS as SPEC_TAP_POINTS
 
-TAP_POINTS = ("box_head.input", "box_head.output", "cls_logits")
-BUILTIN_WEIGHTS = {"digits_fasterrcnn": Path(__file__).resolve().parent.parent / "assets"
-                   / "digits_fasterrcnn.safetensors"}
-ARCHS = ("digits_fasterrcnn", "fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn")
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TAP_POINTS = tuple(SPEC_TAP_POINTS)
+BUILTIN_WEIGHTS = {name: ASSETS / f"{name}.safetensors" for name in SPEC_BUILTIN_WEIGHTS}
 
 
 def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -89,9 +89,18 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise CertoodError(f"detector weights not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise CertoodError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
+        raise CertoodError(f"{path}: cannot be read as plain tensors with weights_only=True "
+                           f"(certood never unpickles code from files); re-save it as a state "
+                           f"dict or as safetensors ({type(e).__name__})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):
@@ -208,12 +217,20 @@ def load_detector(arch: str, weights: str, num_classes: int | None = None,
             raise CertoodError(f"{path}: cannot infer num_classes (no {key}); set detector.num_classes")
         num_classes = int(state[key].shape[0])
     model = build_model(arch, num_classes, **options)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CertoodError(
-            f"{path}: weights do not fit arch {arch!r} with num_classes={num_classes}: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    expected = model.state_dict()
+    problems = {
+        "missing": [k for k in expected if k not in state],
+        "unexpected": [k for k in state if k not in expected],
+        "shape mismatch (file vs model)": [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+                                           for k, v in state.items()
+                                           if k in expected and v.shape != expected[k].shape],
+    }
+    if any(problems.values()):
+        detail = "; ".join(f"{kind}: {', '.join(items[:3])}{'...' if len(items) > 3 else ''}"
+                           for kind, items in problems.items() if items)
+        raise CertoodError(f"{path}: weights do not fit arch {arch!r} with num_classes={num_classes}: "
+                           f"{detail}")
+    model.load_state_dict(state, strict=True)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return TorchvisionFasterRCNN(model, file_sha256(path), device)

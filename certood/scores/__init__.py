@@ -11,14 +11,36 @@ import inspect
 from typing import Any
 
 from certood.errors import CertoodError
+from certood.scores.activation_pattern import ActivationPattern
+from certood.scores.ash import ASH
 from certood.scores.base import Score
+from certood.scores.box_abstraction import BoxAbstraction
+from certood.scores.dice import DICE
 from certood.scores.energy import Energy, energy_score
+from certood.scores.entropy import Entropy
+from certood.scores.gradnorm import GradNorm
+from certood.scores.knn import KNN
+from certood.scores.lared import LaRED
+from certood.scores.larem import LaREM
 from certood.scores.mahalanobis import Mahalanobis, fit_class_gaussians, mahalanobis_score
+from certood.scores.max_logit import MaxLogit
+from certood.scores.mc_dropout import MCDropout
+from certood.scores.msp import MaxSoftmax
+from certood.scores.odin import ODIN
+from certood.scores.particul import Particul
+from certood.scores.react import ReAct
+from certood.scores.relative_mahalanobis import RelativeMahalanobis
+from certood.scores.vim import ViM
 
-SCORE_CLASSES: dict[str, type[Score]] = {"energy": Energy, "mahalanobis": Mahalanobis}
+SCORE_CLASSES: dict[str, type[Score]] = {cls.kind: cls for cls in (
+    Energy, Mahalanobis, MaxSoftmax, MaxLogit, Entropy, ODIN, RelativeMahalanobis, KNN, ViM,
+    ReAct, ASH, DICE, GradNorm, MCDropout, LaREM, LaRED, BoxAbstraction, ActivationPattern,
+    Particul)}
 
-__all__ = ["SCORE_CLASSES", "Energy", "Mahalanobis", "Score", "build_score", "energy_score",
-           "fit_class_gaussians", "mahalanobis_score"]
+__all__ = ["ASH", "DICE", "KNN", "ODIN", "SCORE_CLASSES", "ActivationPattern", "BoxAbstraction",
+           "Energy", "Entropy", "GradNorm", "LaRED", "LaREM", "MCDropout", "Mahalanobis",
+           "MaxLogit", "MaxSoftmax", "Particul", "ReAct", "RelativeMahalanobis", "Score", "ViM",
+           "build_score", "energy_score", "fit_class_gaussians", "mahalanobis_score"]
 
 
 def build_score(kind: str, params: dict[str, Any] | None = None) -> Score:

@@ -22,12 +22,13 @@ from pathlib import Path
 
 from certood.errors import SpecError, SpecIssue
 from certood.spec.model import (
-    DataSource, DataSpec, DetectorSpec, OutputSpec, ScoreSpec, Spec, ThresholdSpec,
+    DataSource, DataSpec, DetectorSpec, GatePolicy, OutputSpec, ScoreSpec, Spec, ThresholdSpec,
 )
+from certood.spec.policy import GateNames, build_policies, check_policy_entries, conflicts
 from certood.spec.rule import Rule, RuleProblem, check_rule
 from certood.spec.schema import Collector, Problem, did_you_mean
 from certood.spec.source import LINE_BREAK, Document, Loc, key_path_str, read_yaml
-from certood.spec.v1 import BUILTIN_WEIGHTS, SCORE_KIND_TABLE, SCORE_NAME, SPEC, TAP_POINTS
+from certood.spec.v1 import BUILTIN_WEIGHTS, POLICY_FILE, SCORE_KIND_TABLE, SCORE_NAME, SPEC, TAP_POINTS
 
 def load_spec(path: str | Path) -> Spec:
     """Load and validate a spec file; raises SpecError listing every error in it."""
@@ -71,6 +72,7 @@ def check_spec_text(text: str | bytes, filename: str = "<string>",
     ctx = Collector()
     norm = SPEC.validate(doc.value, (), ctx)
     _cross_check(norm, doc.value, ctx)
+    gate = _check_gate(norm, doc, filename, GateNames.from_raw(doc.value), ctx)
     issues = doc.issues + [_locate(p, doc, filename) for p in ctx.problems]
     rule, rule_issues = _check_rule(norm, doc, filename)
     issues = sorted(issues + rule_issues, key=lambda i: (i.line, i.column))
@@ -78,7 +80,49 @@ def check_spec_text(text: str | bytes, filename: str = "<string>",
         return None, issues
     warnings = tuple(i for i in issues if i.severity == "warning")
     base = Path(os.path.abspath(base_dir if base_dir is not None else Path.cwd()))
-    return _build(norm, doc.value, rule, base, warnings), issues
+    return dataclasses.replace(_build(norm, doc.value, rule, base, warnings), gate=gate), issues
+
+
+# --- gate policies: in the spec, or in a policy file (certood gate --policy FILE) -----------
+def load_policy_file(path: str | Path, spec: Spec) -> tuple[GatePolicy, ...]:
+    """The policies of a policy file checked against `spec` (its names, and its own gate
+    policies for contradictions); raises SpecError listing every error, located."""
+    try:
+        data = Path(path).read_bytes()
+    except (OSError, ValueError) as e:
+        found = getattr(e, "strerror", None) or str(e)
+        raise SpecError([SpecIssue(str(path), 1, 1, "", "a readable policy file", found)]) from None
+    policies, issues = check_policy_text(data, spec, str(path))
+    if policies is None:
+        raise SpecError([i for i in issues if i.severity == "error"])
+    return policies
+
+
+def check_policy_text(text: str | bytes, spec: Spec,
+                      filename: str = "<string>") -> tuple[tuple[GatePolicy, ...] | None, list[SpecIssue]]:
+    """(policies or None, every issue): a policy file is `gate: [...]` (and an optional
+    `version: 1`), read and located as strictly as a spec."""
+    doc = read_yaml(text, filename)
+    if doc.value is None:
+        return None, doc.issues
+    ctx = Collector()
+    norm = POLICY_FILE.validate(doc.value, (), ctx)
+    policies = _check_gate(norm, doc, filename, GateNames.from_spec(spec), ctx, earlier=spec.gate)
+    issues = sorted(doc.issues + [_locate(p, doc, filename) for p in ctx.problems], key=lambda i: (i.line, i.column))
+    return (None if any(i.severity == "error" for i in issues) else policies), issues
+
+
+def _check_gate(norm, doc: Document, file: str, names: GateNames, ctx: Collector,
+                earlier: tuple[GatePolicy, ...] = ()) -> tuple[GatePolicy, ...]:
+    """Cross-check the `gate` list of `norm`; the policies built from its valid entries."""
+    entries = norm.get("gate") if isinstance(norm, dict) else None
+    if not isinstance(entries, list):
+        return ()
+    check_policy_entries(entries, names, ctx)
+    bad = {p.path[1] for p in ctx.problems if len(p.path) > 1 and p.path[0] == "gate"}
+    built = build_policies(entries, doc.values, file, bad)
+    ctx.problems.extend(conflicts([(None, p) for p in earlier] + built, names))
+    return tuple(p for _, p in built)
 
 
 # --- locating ------------------------------------------------------------------------------

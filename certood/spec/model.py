@@ -72,6 +72,46 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class GatePolicy:
+    """One release-gate policy: bound `metric` absolutely (`op` + `value`) or relative to a
+    baseline run (`max_drop` or `max_rise`). `score`/`dataset` None mean every score / every
+    data set the metric exists on. `file`, `line`, `column` say where it is written.
+
+    >>> GatePolicy("auroc", op=">=", value=0.9, score="energy", dataset="near").describe()
+    'auroc[energy] on near >= 0.9'
+    """
+
+    metric: str
+    op: str | None = None  # ">=", "<=", ">", "<"; None for a baseline policy
+    value: float | None = None
+    score: str | None = None
+    dataset: str | None = None  # an OOD set name, or "id_test"
+    max_drop: float | None = None
+    max_rise: float | None = None
+    warn: float | None = None  # a passing value within this margin of the limit is WARN
+    name: str | None = None
+    file: str = "<string>"
+    line: int = 1
+    column: int = 1
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.op is None
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}"
+
+    def describe(self) -> str:
+        """The policy in one line, as written (its name is separate)."""
+        head = self.metric + (f"[{self.score}]" if self.score else "") + (f" on {self.dataset}" if self.dataset else "")
+        if self.is_baseline:
+            limit = f"max_drop {self.max_drop:g}" if self.max_drop is not None else f"max_rise {self.max_rise:g}"
+            return f"{head} vs baseline, {limit}"
+        return f"{head} {self.op} {self.value:g}"
+
+
+@dataclass(frozen=True)
 class Spec:
     """A validated monitor spec; build one with `certood.spec.load_spec`.
 
@@ -89,11 +129,12 @@ class Spec:
     output: OutputSpec
     warnings: tuple[SpecIssue, ...]
     raw: dict
+    gate: tuple[GatePolicy, ...] = ()  # release gate policies; not part of the fingerprint
 
     def fingerprint(self) -> str:
         """sha256 of what determines a calibration: version, detector, fit and calibration
-        data, taps, scores and threshold, as written. Rule, output, id_test and ood are left
-        out, so editing them keeps a calibrated monitor usable."""
+        data, taps, scores and threshold, as written. Rule, output, gate, id_test and ood are
+        left out, so editing them keeps a calibrated monitor (and its check results) usable."""
         raw, data = self.raw, self.raw.get("data") or {}
         payload = {
             "version": raw.get("version"),

@@ -376,6 +376,31 @@ class Map(_Type):
         return _described(out, self.description)
 
 
+@dataclass(frozen=True)
+class List(_Type):
+    """A YAML sequence whose items all follow one schema (e.g. the spec's `gate:` policies)."""
+
+    items: Any
+    min_items: int = 0
+    description: str = ""
+
+    @property
+    def expected(self) -> str:
+        return "a list" if not self.min_items else "a non-empty list"
+
+    def check(self, value, path, ctx):
+        if not isinstance(value, list) or len(value) < self.min_items:
+            ctx.add(path, self.expected, describe(value) if value != [] else "an empty list")
+            return INVALID
+        return [self.items.validate(item, path + (i,), ctx) for i, item in enumerate(value)]
+
+    def json(self) -> dict:
+        out: dict = {"type": "array", "items": self.items.json()}
+        if self.min_items:
+            out["minItems"] = self.min_items
+        return _described(out, self.description)
+
+
 def _described(schema: dict, description: str) -> dict:
     if description and "description" not in schema:
         schema["description"] = description

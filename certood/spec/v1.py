@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from certood.spec import model
-from certood.spec.schema import AnyOf, Enum, Field, Float, Int, Map, Record, Str, Tagged
+from certood.spec.schema import AnyOf, Enum, Field, Float, Int, List, Map, Record, Str, Tagged
 
 SUPPORTED_VERSIONS = (1,)
 
@@ -54,6 +54,131 @@ SCORE_KIND_TABLE: dict[str, ScoreKind] = {
         needs_fit=True,
         description="min over classes of the Mahalanobis distance to class means (shared "
         "covariance) fitted on data.fit; higher = more OOD",
+    ),
+    "msp": ScoreKind(
+        params={"temperature": Field(Float(gt=0), default=1.0, description="softmax temperature T")},
+        tap_point="logits",
+        description="-max softmax(logits / T) over foreground classes; higher = more OOD",
+    ),
+    "max_logit": ScoreKind(
+        tap_point="logits",
+        description="-max foreground logit; higher = more OOD",
+    ),
+    "entropy": ScoreKind(
+        tap_point="logits",
+        description="entropy of the softmax over foreground logits; higher = more OOD",
+    ),
+    "odin": ScoreKind(
+        params={"temperature": Field(Float(gt=0), default=1000.0, description="softmax temperature T"),
+                "eps": Field(Float(ge=0), default=0.0014,
+                             description="perturbation step on the RoI features")},
+        tap_point="features",
+        description="ODIN at box_head.input through the box head (needs the head; not saved): "
+        "-max softmax(head(x') / T) after a signed-gradient step; higher = more OOD",
+    ),
+    "relative_mahalanobis": ScoreKind(
+        params={"num_classes": Field(AnyOf((Int(min=1), Enum((None,)))), default=None,
+                                     description="number of classes; null: max label + 1")},
+        needs_fit=True,
+        description="min over classes of the class Mahalanobis distance minus the background one "
+        "(Ren et al. 2021), fitted on data.fit; higher = more OOD",
+    ),
+    "knn": ScoreKind(
+        params={"k": Field(Int(min=1), default=50, description="which nearest neighbour")},
+        needs_fit=True,
+        description="distance of the L2-normalised features to the k-th nearest normalised fit "
+        "feature (Sun et al. 2022); higher = more OOD",
+    ),
+    "vim": ScoreKind(
+        params={"dim": Field(AnyOf((Int(min=1), Enum((None,)))), default=None,
+                             description="principal subspace dimension; null: D // 2")},
+        tap_point="features",
+        needs_fit=True,
+        description="ViM on penultimate features (needs the classifier): alpha * residual norm "
+        "minus logsumexp of the logits (Wang et al. 2022); higher = more OOD",
+    ),
+    "react": ScoreKind(
+        params={"percentile": Field(Float(ge=0, le=100), default=90.0,
+                                    description="clip at this percentile (percent) of fit activations")},
+        tap_point="features",
+        needs_fit=True,
+        description="energy of the classifier on penultimate features clipped at a fit percentile "
+        "(Sun et al. 2021); higher = more OOD",
+    ),
+    "ash": ScoreKind(
+        params={"percentile": Field(Float(ge=0, lt=100), default=90.0,
+                                    description="percent of the smallest activations set to zero")},
+        tap_point="features",
+        description="energy of the classifier on ASH-S shaped penultimate features "
+        "(Djurisic et al. 2023); higher = more OOD",
+    ),
+    "dice": ScoreKind(
+        params={"percentile": Field(Float(ge=0, lt=100), default=90.0,
+                                    description="percent of classifier weights masked, by fit contribution")},
+        tap_point="features",
+        needs_fit=True,
+        description="energy of the classifier sparsified by fit contributions (Sun & Li 2022); "
+        "higher = more OOD",
+    ),
+    "gradnorm": ScoreKind(
+        params={"temperature": Field(Float(gt=0), default=1.0, description="softmax temperature T")},
+        tap_point="features",
+        description="minus the L1 norm of the last layer's gradient of KL(uniform || softmax), "
+        "closed form (Huang et al. 2021); higher = more OOD",
+    ),
+    "mc_dropout": ScoreKind(
+        params={"samples": Field(Int(min=2), default=20, description="stochastic passes T"),
+                "p": Field(Float(ge=0, lt=1), default=0.5, description="dropout probability"),
+                "seed": Field(Int(min=0), default=0, description="seed of the dropout masks"),
+                "output": Field(Enum(("entropy", "mutual_information", "variance", "max_softmax")),
+                                default="entropy", description="what to read from the passes")},
+        tap_point="features",
+        description="MC dropout on penultimate features through the classifier, masks fixed by "
+        "the seed; higher = more OOD",
+    ),
+    "larem": ScoreKind(
+        params={"shrinkage": Field(AnyOf((Enum(("ledoit_wolf",)), Float(ge=0, le=1))),
+                                   default="ledoit_wolf", description="covariance shrinkage"),
+                "num_classes": Field(AnyOf((Int(min=1), Enum((None,)))), default=None,
+                                     description="number of classes; null: max label + 1")},
+        needs_fit=True,
+        description="min over classes of the Mahalanobis distance with per-class shrunk "
+        "covariances (LaREM), fitted on data.fit; higher = more OOD",
+    ),
+    "lared": ScoreKind(
+        params={"shrinkage": Field(AnyOf((Enum(("ledoit_wolf",)), Float(ge=0, le=1))),
+                                   default="ledoit_wolf", description="covariance shrinkage"),
+                "num_classes": Field(AnyOf((Int(min=1), Enum((None,)))), default=None,
+                                     description="number of classes; null: max label + 1")},
+        needs_fit=True,
+        description="minus the log-density under the most likely per-class Gaussian (LaRED), "
+        "fitted on data.fit; higher = more OOD",
+    ),
+    "box_abstraction": ScoreKind(
+        params={"k": Field(Int(min=1), default=3, description="k-means clusters (boxes) per class"),
+                "gamma": Field(Float(ge=0), default=0.0, description="box enlargement, times its width"),
+                "norm": Field(Enum(("linf", "l2")), default="linf", description="distance outside a box"),
+                "seed": Field(Int(min=0), default=0, description="k-means seed")},
+        needs_fit=True,
+        description="distance outside the nearest of k boxes per class fitted by k-means "
+        "(0 inside); higher = more OOD",
+    ),
+    "activation_pattern": ScoreKind(
+        tap_point="features",
+        needs_fit=True,
+        description="Hamming distance of the penultimate ReLU pattern to the nearest fit pattern "
+        "of the predicted class (needs the classifier); higher = more OOD",
+    ),
+    "particul": ScoreKind(
+        params={"parts": Field(Int(min=1), default=6, description="part detectors"),
+                "channels": Field(Int(min=1), default=64, description="channels of the RoI map"),
+                "epochs": Field(Int(min=0), default=10, description="training passes over data.fit"),
+                "seed": Field(Int(min=0), default=0, description="seed of weights and batch order"),
+                "unicity": Field(Float(ge=0), default=1.0, description="weight of the unicity loss")},
+        tap_point="features",
+        needs_fit=True,
+        description="minus the mean calibrated confidence of PARTICUL part detectors trained on "
+        "box_head.input maps; higher = more OOD",
     ),
 }
 SCORE_KINDS: tuple[str, ...] = tuple(SCORE_KIND_TABLE)
@@ -104,6 +229,65 @@ THRESHOLD = Record({
                             description="detector score cut: 'f1' (F1-optimal on calibration data) or a number"),
 })
 
+
+@dataclass(frozen=True)
+class GateMetric:
+    """A metric a gate policy can bound: how details name it, which data sets it exists on
+    ("ood": each OOD set, "id_test": the ID test set, "any": either), whether it is read per
+    score, and its direction (baseline policies must limit the harmful one)."""
+
+    label: str
+    datasets: str
+    per_score: bool
+    higher_is_better: bool
+    description: str = ""
+
+
+# Every metric lies in [0, 1]. Read from `certood check`'s metrics.json (certificates: from
+# metrics["certificates"][DATASET] once certification writes it).
+GATE_METRIC_TABLE: dict[str, GateMetric] = {
+    "auroc": GateMetric("AUROC", "ood", True, True, "box-level AUROC, OOD boxes positive"),
+    "aupr_in": GateMetric("AUPR-In", "ood", True, True, "AUPR with ID boxes positive"),
+    "aupr_out": GateMetric("AUPR-Out", "ood", True, True, "AUPR with OOD boxes positive"),
+    "fpr95": GateMetric("FPR95", "ood", True, False, "OOD boxes accepted at 95% ID TPR"),
+    "fpr95_first": GateMetric("FPR95 (first)", "ood", True, False, "FPR95, first threshold reaching 95%"),
+    "rule_ood_flag_rate": GateMetric("rule OOD flag rate", "ood", False, True, "OOD boxes the rule flags"),
+    "rule_id_tpr": GateMetric("rule ID TPR", "ood", False, True, "ID test boxes the rule does not flag"),
+    "map": GateMetric("mAP", "id_test", False, True, "COCO mAP@[.5:.95] on id_test"),
+    "map50": GateMetric("mAP50", "id_test", False, True, "COCO mAP@.5 on id_test"),
+    "map75": GateMetric("mAP75", "id_test", False, True, "COCO mAP@.75 on id_test"),
+    "certified_rate": GateMetric("certified rate", "any", False, True, "boxes with a certified verdict"),
+    "undecided_rate": GateMetric("undecided rate", "any", False, False, "boxes left undecided"),
+}
+GATE_METRICS: tuple[str, ...] = tuple(GATE_METRIC_TABLE)
+GATE_OPS = (">=", "<=", ">", "<")
+GATE_ID_TEST = "id_test"  # the dataset name that means data.id_test in a policy
+
+GATE_POLICY = Record({
+    "name": Field(Str(r"[^\x00-\x1f\x7f]+", "a one-line name"), description="shown in reports; default: derived"),
+    "metric": Field(Enum(GATE_METRICS), required=True),
+    "score": Field(Str(SCORE_NAME, "the name of a score"),
+                   description="a score of the spec (per-score metrics); default: every score"),
+    "dataset": Field(Str(NAME, f"an OOD set name or {GATE_ID_TEST}"),
+                     description=f"an OOD set of data.ood, or {GATE_ID_TEST}; default: every set the metric exists on"),
+    "op": Field(Enum(GATE_OPS), description="how the observed value must compare with value"),
+    "value": Field(Float(ge=0, le=1), description="absolute threshold"),
+    "baseline": Field(
+        Record({"max_drop": Field(Float(ge=0, le=1), description="largest allowed fall from the baseline"),
+                "max_rise": Field(Float(ge=0, le=1), description="largest allowed rise from the baseline")},
+               one_of=(("max_drop",), ("max_rise",))),
+        description="a limit relative to the baseline results (certood gate --baseline DIR)"),
+    "warn": Field(Float(gt=0, le=1), description="a passing value within this margin of the limit is WARN"),
+}, one_of=(("op", "value"), ("baseline",)), description="one gate policy")
+
+GATE = List(GATE_POLICY, min_items=1, description="release gate policies (certood gate)")
+
+# A policy file for `certood gate --policy FILE`: the same policies, outside the spec.
+POLICY_FILE = Record({
+    "version": Field(Enum(SUPPORTED_VERSIONS), description="policy file format version"),
+    "gate": Field(GATE, required=True),
+}, description="certood gate policy file")
+
 SPEC = Record({
     "version": Field(Enum(SUPPORTED_VERSIONS), required=True, description="spec format version"),
     "detector": Field(DETECTOR, required=True),
@@ -119,6 +303,7 @@ SPEC = Record({
     "rule": Field(Str(), description="when to flag a box, e.g. 'energy > t.energy or maha > t.maha'; "
                   "default: every score above its threshold, or-ed"),
     "output": Field(Record({"dir": Field(Str(PATH, "a path"), description="relative to the spec file")})),
+    "gate": Field(GATE, description="release gate policies checked by `certood gate`"),
 }, description="certood monitor spec")
 
 

@@ -1,0 +1,215 @@
+"""Monitor artifacts: save/load round-trips, refusal of other specs/detectors and of corrupt
+files, and atomic writes that never leave a half-written or temporary file."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from certood import artifacts
+from certood.artifacts import (
+    atomic_write_bytes, atomic_write_json, atomic_write_text, load_monitor, read_manifest, save_monitor,
+)
+from certood.check import load_spec_detector
+from certood.errors import ArtifactError
+from certood.monitor import calibrate
+from certood.scores import build_score
+
+
+@pytest.fixture(scope="module")
+def calibrated(make_tiny_spec):
+    spec = make_tiny_spec()
+    detector = load_spec_detector(spec)
+    monitor, extracted = calibrate(spec, detector, detector.num_classes)
+    return spec, detector, monitor, extracted["calibration"]
+
+
+@pytest.fixture()
+def saved(calibrated, tmp_path):
+    spec, detector, monitor, cal = calibrated
+    return save_monitor(monitor, tmp_path / "monitor")
+
+
+def test_save_then_load_gives_identical_scores(calibrated, saved):
+    spec, detector, monitor, cal = calibrated
+    loaded = load_monitor(saved, spec, detector.weights_sha256)
+    before, after = monitor.score_boxes(cal), loaded.score_boxes(cal)
+    assert set(before) == set(after) == {"energy", "maha"}
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    assert loaded.thresholds == monitor.thresholds
+    assert loaded.detector_threshold == monitor.detector_threshold
+    assert loaded.label_to_category == monitor.label_to_category
+    assert torch.equal(loaded.flag(after), monitor.flag(before))
+
+
+def test_saved_monitor_is_json_and_safetensors_only(calibrated, saved):
+    spec, detector, monitor, _ = calibrated
+    assert sorted(p.name for p in saved.iterdir()) == ["manifest.json", "scores.safetensors"]
+    manifest = read_manifest(saved)
+    assert manifest["spec_fingerprint"] == spec.fingerprint()
+    assert manifest["detector_sha256"] == detector.weights_sha256
+    assert manifest["thresholds"] == monitor.thresholds
+    assert manifest["threshold_rule"]["tpr"] == 0.95
+    assert manifest["scores"]["maha"] == {"kind": "mahalanobis", "tap": "penultimate",
+                                          "params": {"num_classes": None}}
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(saved / "scores.safetensors"))
+    assert set(tensors) == {"maha/means", "maha/precision", "maha/class_counts"}
+
+
+def test_loading_for_a_changed_spec_is_refused(calibrated, saved, make_tiny_spec):
+    _, detector, _, _ = calibrated
+    for changed in (make_tiny_spec(temperature=2.0), make_tiny_spec(tpr=0.9)):
+        with pytest.raises(ArtifactError, match="calibrated for another spec") as err:
+            load_monitor(saved, changed, detector.weights_sha256)
+        assert "recalibrate" in str(err.value) and str(saved) in str(err.value)
+    # the rule is not part of a calibration: editing it keeps the monitor usable
+    load_monitor(saved, make_tiny_spec(rule="maha > t.maha"), detector.weights_sha256)
+
+
+def test_loading_for_other_detector_weights_is_refused(calibrated, saved):
+    spec, detector, _, _ = calibrated
+    with pytest.raises(ArtifactError, match="other detector weights") as err:
+        load_monitor(saved, spec, "f" * 64)
+    assert detector.weights_sha256[:12] in str(err.value) and "ffffffffffff" in str(err.value)
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "no manifest.json"),
+    ('{"format": "certood-monitor", "format_ver', "unreadable manifest"),
+    ("", "unreadable manifest"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"format": "something-else", "format_version": 1}', "expected format 'certood-monitor'"),
+    ('{"format": "certood-monitor", "format_version": 99}', "expected format_version 1"),
+])
+def test_missing_or_corrupt_manifest_raises_artifact_error(calibrated, saved, content, needle):
+    spec, detector, _, _ = calibrated
+    manifest = saved / "manifest.json"
+    if content is None:
+        manifest.unlink()
+    else:
+        manifest.write_text(content)
+    with pytest.raises(ArtifactError, match=needle):
+        load_monitor(saved, spec, detector.weights_sha256)
+
+
+def test_manifest_missing_keys_raises_artifact_error(calibrated, saved):
+    spec, detector, _, _ = calibrated
+    manifest = json.loads((saved / "manifest.json").read_text())
+    del manifest["thresholds"]
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="thresholds"):
+        load_monitor(saved, spec, detector.weights_sha256)
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "missing tensor"])
+def test_damaged_score_tensors_raise_artifact_error(calibrated, saved, damage):
+    from safetensors.torch import load_file, save_file
+
+    spec, detector, _, _ = calibrated
+    path = saved / "scores.safetensors"
+    if damage == "missing":
+        path.unlink()
+    elif damage == "garbage":
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    else:
+        tensors = load_file(str(path))
+        del tensors["maha/precision"]
+        save_file(tensors, str(path))
+    with pytest.raises(ArtifactError):
+        load_monitor(saved, spec, detector.weights_sha256)
+
+
+def test_a_failed_resave_leaves_the_old_monitor_loadable_as_it_was(calibrated, saved, monkeypatch):
+    spec, detector, monitor, cal = calibrated
+    maha = monitor.scores["maha"]
+    shifted = build_score("mahalanobis", maha.params()).load_state_tensors(
+        {k: (v + 1 if v.is_floating_point() else v) for k, v in maha.state_tensors().items()})
+    other = replace(monitor, scores={**monitor.scores, "maha": shifted})
+    real_replace = os.replace
+
+    def fail_on_manifest(src, dst):
+        if Path(dst).name == "manifest.json":
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_manifest)
+    with pytest.raises(OSError, match="disk full"):
+        save_monitor(other, saved)
+    monkeypatch.undo()
+    try:
+        loaded = load_monitor(saved, spec, detector.weights_sha256)
+    except ArtifactError:
+        return  # refusing the mixture is fine too
+    assert torch.equal(loaded.score_boxes(cal)["maha"], monitor.score_boxes(cal)["maha"])
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def test_atomic_writes_create_replace_and_leave_no_temp_files(tmp_path):
+    target = tmp_path / "sub" / "out.bin"
+    atomic_write_bytes(target, b"first")
+    assert target.read_bytes() == b"first"
+    atomic_write_bytes(target, b"second, longer")
+    assert target.read_bytes() == b"second, longer"
+    atomic_write_text(tmp_path / "t.txt", "grüße\n")
+    assert (tmp_path / "t.txt").read_bytes() == "grüße\n".encode("utf-8")
+    atomic_write_json(tmp_path / "m.json", {"a": [1, 2.5], "b": None})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": [1, 2.5], "b": None}
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["m.json", "out.bin", "sub", "t.txt"]
+
+
+@pytest.mark.parametrize("fail_at", ["replace", "fsync", "write"])
+def test_a_failed_atomic_write_keeps_the_old_file_intact(tmp_path, monkeypatch, fail_at):
+    target = tmp_path / "metrics.json"
+    atomic_write_json(target, {"old": True})
+    old = target.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError(f"simulated failure in {fail_at}")
+
+    if fail_at == "replace":
+        monkeypatch.setattr(artifacts.os, "replace", boom)
+    elif fail_at == "fsync":
+        monkeypatch.setattr(artifacts.os, "fsync", boom)
+    else:
+        real_fdopen = os.fdopen
+
+        class HalfWriter:
+            def __init__(self, f):
+                self.f = f
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+            def write(self, data):
+                self.f.write(data[: len(data) // 2])
+                self.f.flush()
+                raise OSError("simulated failure in write")
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+        monkeypatch.setattr(artifacts.os, "fdopen", lambda fd, mode: HalfWriter(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match="simulated failure"):
+        atomic_write_json(target, {"new": "x" * 10_000})
+    monkeypatch.undo()
+    assert target.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_atomic_write_json_refuses_nan_without_touching_the_file(tmp_path):
+    target = tmp_path / "m.json"
+    atomic_write_json(target, {"auroc": 0.5})
+    with pytest.raises(ValueError):
+        atomic_write_json(target, {"auroc": float("nan")})
+    assert json.loads(target.read_text()) == {"auroc": 0.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
