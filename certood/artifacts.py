@@ -81,7 +81,8 @@ def save_monitor(monitor, out_dir: Path) -> Path:
         "thresholds": monitor.thresholds,
         "threshold_rule": {"tpr": monitor.spec.threshold.tpr, "on": "calibration ID boxes"},
         "label_to_category": monitor.label_to_category,
-        "scores": {name: {"kind": s.kind, "tap": s.tap, "params": monitor.scores[name].params()}
+        "scores": {name: {"kind": s.kind, "tap": s.tap, "params": monitor.scores[name].params(),
+                          "feature_dim": monitor.scores[name].feature_dim}
                    for name, s in monitor.spec.scores.items()},
         "calibration": monitor.calibration,
         "seed": 0,
@@ -130,8 +131,12 @@ def read_manifest(monitor_dir: Path) -> dict:
     return manifest
 
 
-def load_monitor(monitor_dir: Path, spec: Spec, detector_sha256: str):
-    """Load a monitor for ``spec`` and the detector with ``detector_sha256``, or refuse."""
+def load_monitor(monitor_dir: Path, spec: Spec, detector_sha256: str, head=None):
+    """Load a monitor for ``spec`` and the detector with ``detector_sha256``, or refuse.
+
+    ``head`` (the detector's RoI-feature -> foreground-logits callable) is given back to
+    scores that run it (ODIN): code is never stored in an artifact.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -165,6 +170,11 @@ def load_monitor(monitor_dir: Path, spec: Spec, detector_sha256: str):
         score = build_score(s.kind, s.params)
         prefix = f"{name}/"
         score.load_state_tensors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        if score.needs_head:
+            if head is None:
+                raise ArtifactError(f"score {name!r} ({s.kind}) runs the detector head: load it "
+                                    "with the detector's head")
+            score.attach_head(head, manifest["scores"][name].get("feature_dim") or 0)
         scores[name] = score
     return Monitor(spec=spec, scores=scores, thresholds={k: float(v) for k, v in manifest["thresholds"].items()},
                    detector_threshold=float(manifest["detector_threshold"]),

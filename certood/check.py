@@ -7,7 +7,11 @@ Outputs in ``out_dir`` (each written atomically):
 - ``metrics.json``  ID mAP / mAP50 (pycocotools) and, per OOD set and score, AUROC, AUPR and
   FPR95 under the published box-level protocol;
 - ``summary.txt``, ``report.md`` human-readable renderings of the same numbers;
-- ``monitor/``      the calibrated monitor, when none was given.
+- ``report.html``, ``plots/`` ROC curves, score histograms, examples (``certood.plots``);
+- ``monitor/``      the calibrated monitor, when none was given;
+- with a ``certify`` block: a ``certificate`` per box in boxes.jsonl, ``certificates`` (rates
+  per data set) and ``certify`` (options, cost) in metrics.json, and
+  ``certify_features.safetensors`` for ``certood recheck`` (certood.certify, certood.recheck).
 
 Box-level protocol (VOS): a box is monitored when its detector score is at or above the
 threshold set on calibration data (F1-optimal by default); monitored boxes on ID test images
@@ -22,10 +26,12 @@ from pathlib import Path
 
 import torch
 
-from certood import report
+from certood import plots, report
 from certood.artifacts import (
-    atomic_write_json, atomic_write_text, load_monitor, read_manifest, save_monitor, versions,
+    atomic_write_bytes, atomic_write_json, atomic_write_text, load_monitor, read_manifest, save_monitor, versions,
 )
+from certood.certify import certify_detections, certify_head, certify_metrics
+from certood.recheck import FEATURES_FILE, certify_features_blob
 from certood.errors import CertoodError
 from certood.extract import DatasetDetections, ProgressFactory, extract_detections
 from certood.metrics import coco_map, ood_metrics
@@ -59,18 +65,20 @@ def load_spec_detector(spec: Spec):
 
 
 def _box_records(dataset_name: str, dets: DatasetDetections, values: dict[str, torch.Tensor],
-                 flags: torch.Tensor, gt_labels: torch.Tensor, monitor: Monitor) -> list[str]:
+                 flags: torch.Tensor, gt_labels: torch.Tensor, monitor: Monitor,
+                 certified=None) -> list[str]:
     lines = []
     cats = monitor.label_to_category
     for i in range(len(dets)):
         label = int(dets.labels[i])
         gt = int(gt_labels[i])
+        extra = {"certificate": certified.certificates[i].to_json()} if certified is not None else {}
         lines.append(json.dumps({
             "dataset": dataset_name, "image_id": int(dets.image_ids[i]),
             "box": [round(float(v), 2) for v in dets.boxes[i]], "box_format": "xyxy",
             "label": label, "category_id": cats[label - 1], "det_score": round(float(dets.det_scores[i]), 5),
             "scores": {k: float(v[i]) for k, v in values.items()}, "flag": bool(flags[i]),
-            "gt_category_id": cats[gt - 1] if gt > 0 else None,
+            "gt_category_id": cats[gt - 1] if gt > 0 else None, **extra,
         }))
     return lines
 
@@ -88,7 +96,7 @@ def run_check(spec: Spec, out_dir: Path, monitor_dir: Path | None = None,
         read_manifest(monitor_dir)  # fail fast, before the detector loads
     detector = load_spec_detector(spec)
     if monitor_dir is not None:
-        monitor = load_monitor(monitor_dir, spec, detector.weights_sha256)
+        monitor = load_monitor(monitor_dir, spec, detector.weights_sha256, detector.foreground_head())
     else:
         monitor, _ = calibrate(spec, detector, detector.num_classes, progress=progress)
         save_monitor(monitor, out_dir / "monitor")
@@ -100,6 +108,8 @@ def run_check(spec: Spec, out_dir: Path, monitor_dir: Path | None = None,
     per_set: dict[str, dict] = {}
     detector_seconds, images_seen = 0.0, 0
     score_seconds, boxes_scored = 0.0, 0
+    certify_parts: dict = {}  # data set -> CertifyResult
+    certify_features: dict = {}  # box index in boxes.jsonl -> feature at the certify tap
     id_map = None
     for name, source in sources:
         dataset = load_dataset(source, name)
@@ -115,8 +125,14 @@ def run_check(spec: Spec, out_dir: Path, monitor_dir: Path | None = None,
         score_seconds += time.perf_counter() - start
         boxes_scored += len(dets)
         gt = match_dataset(dets, dataset, monitor.label_to_category, same_class=False)
-        lines += _box_records(name, dets, values, flags, gt, monitor)
-        per_set[name] = {"dets": dets, "values": values, "flags": flags}
+        certified = None
+        if spec.certify is not None:  # certificates per box (certood.certify)
+            certified = certify_detections(monitor, detector, dets, values, flags, progress)
+            certify_parts[name] = certified
+            certify_features.update({len(lines) + i: certified.features[i]
+                                     for i, c in enumerate(certified.certificates) if c.verdict != "undecided"})
+        lines += _box_records(name, dets, values, flags, gt, monitor, certified)
+        per_set[name] = {"dets": dets, "values": values, "flags": flags, "dataset": dataset}
         issues += [f"{name}: {m}" for m in dataset.issues]
 
     metrics = {
@@ -153,9 +169,21 @@ def run_check(spec: Spec, out_dir: Path, monitor_dir: Path | None = None,
                                                           part["values"][score_name])
             entry["rule"] = _rule_rates(id_part["flags"], part["flags"])
         metrics["ood"][name.split("/", 1)[1]] = entry
+    if spec.certify is not None:
+        metrics["certificates"], metrics["certify"] = certify_metrics(
+            spec.certify, certify_parts, detector_seconds / max(1, images_seen))
+    if spec.temporal is not None:  # track ids on the box records, track-level metrics
+        from certood.temporal import temporal_check
+
+        lines, metrics["temporal"] = temporal_check(spec, monitor, per_set, lines)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "boxes.jsonl", "".join(line + "\n" for line in lines))
+    if spec.certify is not None:  # what `certood recheck` re-verifies certificates from
+        atomic_write_bytes(out_dir / FEATURES_FILE, certify_features_blob(
+            monitor, certify_head(detector, spec.taps[spec.certify.tap]), spec.certify, certify_features,
+            detector.weights_sha256))
+    plots.write_visual_report(out_dir, metrics, per_set, spec)  # plots/*.png, report.html; never raises
     atomic_write_json(out_dir / "metrics.json", metrics)
     atomic_write_text(out_dir / "summary.txt", report.summary_text(metrics))
     atomic_write_text(out_dir / "report.md", report.report_markdown(metrics))

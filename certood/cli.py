@@ -240,6 +240,40 @@ def gate(ctx: click.Context, spec_path: Path, results_dir: Path, baseline_dir: P
     sys.exit(EXIT_OK if exit_zero else code)
 
 
+@main.command("export")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
+@click.option("--monitor", "monitor_dir", required=True, type=click.Path(path_type=Path),
+              help="The calibrated monitor directory to export.")
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(path_type=Path),
+              help="The ONNX file to write: tapped features in, scores and flag out.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+def export(ctx: click.Context, spec_path: Path, monitor_dir: Path, onnx_path: Path, fmt: str) -> None:
+    """Export a calibrated monitor as one ONNX graph (energy, max_logit, msp, mahalanobis scores)."""
+    def work():
+        from certood.artifacts import load_monitor, read_manifest
+        from certood.check import load_spec_detector
+        from certood.export import check_exportable, export_monitor_onnx
+        from certood.spec import load_spec
+
+        spec = load_spec(spec_path)
+        read_manifest(monitor_dir)  # fail fast, before the detector loads
+        detector = load_spec_detector(spec)
+        monitor = load_monitor(monitor_dir, spec, detector.weights_sha256)
+        check_exportable(monitor)
+        result = export_monitor_onnx(monitor, onnx_path)
+        if fmt == "json":
+            click.echo(json.dumps({"path": str(result.path), "inputs": result.inputs,
+                                   "outputs": result.outputs, "metadata": result.metadata}, indent=2))
+        else:
+            click.echo(f"monitor exported to {result.path}", err=True)
+            click.echo("  inputs:  " + ", ".join(f"{k} {v}" for k, v in result.inputs.items()), err=True)
+            click.echo("  outputs: " + ", ".join(result.outputs), err=True)
+            click.echo(f"  boxes with detector score < {monitor.detector_threshold:.4f} are not monitored "
+                       "(apply that cut before the graph)", err=True)
+    _run(work, ctx.obj["debug"])
+
+
 @main.group()
 def data() -> None:
     """Bundled datasets."""

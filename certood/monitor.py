@@ -7,7 +7,9 @@
 2. each score is fitted on ID boxes of the ``fit`` set (default: the calibration set),
    labelled by their best-overlapping ground-truth object (IoU >= 0.5);
 3. each score's threshold is its ``tpr`` quantile on the calibration ID boxes, so that a
-   fraction ``tpr`` of ID boxes is below it (flag = score > threshold).
+   fraction ``tpr`` of ID boxes is below it (flag = score > threshold);
+4. with a ``temporal`` block, the track-level thresholds are set on the calibration videos
+   (:func:`certood.temporal.calibrate_temporal`).
 
 Logit taps feed scores their foreground columns only (torchvision puts background first).
 """
@@ -40,7 +42,11 @@ class Monitor:
 
     @property
     def tap_points(self) -> set[str]:
-        return {self.spec.taps[s.tap] for s in self.spec.scores.values()}
+        """Tap points to extract: every score's, and the certify region's (certood.certify)."""
+        points = {self.spec.taps[s.tap] for s in self.spec.scores.values()}
+        if getattr(self.spec, "certify", None) is not None:
+            points.add(self.spec.taps[self.spec.certify.tap])
+        return points
 
     def score_boxes(self, dets: DatasetDetections) -> dict[str, torch.Tensor]:
         """Every score of the spec on every box of ``dets`` (higher = more OOD)."""
@@ -63,7 +69,11 @@ def score_input(spec: Spec, score_name: str, dets: DatasetDetections) -> torch.T
 
 def load_dataset(source, name: str) -> CocoDataset:
     """A spec data source as a dataset (DigitsDet is generated on first use)."""
-    if source.digitsdet is not None:
+    if source.digitsdet is not None and source.digitsdet.startswith("video-"):
+        from certood.data.digitsdet_video import ensure_digitsdet_video, split_paths
+
+        annotations, images = split_paths(ensure_digitsdet_video(), source.digitsdet)
+    elif source.digitsdet is not None:
         from certood.data.digitsdet import ensure_digitsdet, split_paths
 
         annotations, images = split_paths(ensure_digitsdet(), source.digitsdet)
@@ -127,6 +137,16 @@ def detector_threshold(spec: Spec, cal: DatasetDetections, cal_set: CocoDataset,
     return f1_optimal_threshold(cal.det_scores.numpy(), is_tp.numpy(), n_gt)
 
 
+def detector_extras(score: Score, detector) -> dict:
+    """What a score needs from the detector itself: the classifier, or the head as code."""
+    extras = {}
+    if score.needs_classifier:
+        extras["classifier"] = detector.foreground_classifier()
+    if score.needs_head:
+        extras["head"] = detector.foreground_head()
+    return extras
+
+
 def calibrate(spec: Spec, detector: Detector, num_classes: int,
               progress: ProgressFactory | None = None) -> tuple[Monitor, dict[str, DatasetDetections]]:
     """Fit every score and threshold of ``spec``; also returns the extracted detections."""
@@ -149,21 +169,28 @@ def calibrate(spec: Spec, detector: Detector, num_classes: int,
     if len(fit) == 0:
         raise DataError("fit set: no detection overlaps a ground-truth object; cannot fit scores")
 
-    scores, thresholds = {}, {}
+    scores, thresholds, cal_values = {}, {}, {}
     for name, s in spec.scores.items():
         score = build_score(s.kind, s.params)
-        if score.needs_fit:
-            score.fit(score_input(spec, name, fit), fit_labels)
+        extras = detector_extras(score, detector)
+        if score.needs_fit or extras:
+            score.fit(score_input(spec, name, fit), fit_labels, **extras)
         values = score.score(score_input(spec, name, cal))
         # "higher": at least a fraction tpr of calibration boxes is <= the threshold, never fewer
         thresholds[name] = float(torch.quantile(values.double(), spec.threshold.tpr, interpolation="higher"))
         scores[name] = score
+        cal_values[name] = values
     monitor = Monitor(
         spec=spec, scores=scores, thresholds=thresholds, detector_threshold=float(det_threshold),
         label_to_category=label_to_category, detector_sha256=detector.weights_sha256,
         calibration={"calibration_boxes": len(cal), "calibration_images": cal.n_images,
                      "fit_boxes": len(fit), "fit_images": fit.n_images,
                      "calibration_issues": list(cal_set.issues)})
+    if spec.temporal is not None:  # track thresholds, on the calibration videos
+        from certood.temporal import calibrate_temporal
+
+        monitor.calibration["temporal"] = calibrate_temporal(
+            spec.temporal, cal, cal_set, cal_values, label_to_category, spec.threshold.tpr)
     return monitor, {"calibration": cal}
 
 

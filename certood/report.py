@@ -59,11 +59,18 @@ def report_markdown(metrics: dict) -> str:
         lines.append(f"| {set_name} | {score_name} | {m['auroc']:.3f} | {m['aupr_in']:.3f} | "
                      f"{m['aupr_out']:.3f} | {m['fpr95']:.3f} | {m['fpr95_first']:.3f} | "
                      f"{m['n_id']} | {m['n_ood']} |")
+    if metrics.get("temporal"):
+        from certood.temporal import temporal_report_lines
+
+        lines += [""] + temporal_report_lines(metrics["temporal"])
     mon = metrics["monitor"]
     lines += ["", "## Monitor", "", f"Rule: `{mon['rule']}`  ",
               f"Detector threshold: {mon['detector_threshold']:.4f}  ",
               "Score thresholds (" + f"{mon['tpr']:.0%} ID TPR on calibration boxes): "
               + ", ".join(f"`{k}` {v:.4f}" for k, v in mon["thresholds"].items()), ""]
+    if metrics.get("plots"):
+        lines += ["## Figures", "", "Also in `report.html` (self-contained).", ""]
+        lines += [f"![{p['title']}]({p['file']})" for p in metrics["plots"]] + [""]
     if metrics["issues"]:
         lines += ["## Data issues (skipped)", ""] + [f"- {m}" for m in metrics["issues"][:50]] + [""]
     return "\n".join(lines)

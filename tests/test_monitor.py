@@ -208,3 +208,30 @@ def test_run_check_with_the_saved_monitor_gives_the_same_boxes(checked, tmp_path
     assert not (tmp_path / "again" / "monitor").exists()
     assert (tmp_path / "again" / "boxes.jsonl").read_text() == (out / "boxes.jsonl").read_text()
     assert again.metrics["ood"] == result.metrics["ood"]
+
+
+def test_run_check_writes_the_html_report_and_the_figures(checked):
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    _, result, out = checked
+    plots = result.metrics["plots"]
+    files = {p["file"] for p in plots}
+    assert {"plots/roc_near.png", "plots/roc_far.png", "plots/hist_energy.png", "plots/hist_maha.png",
+            "plots/examples.png"} <= files
+    assert not [m for m in result.issues if m.startswith("plots:")]
+    for f in files:
+        with Image.open(out / f) as im:
+            im.verify()
+    images = []
+
+    class Parser(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                images.append(dict(attrs)["src"])
+
+    Parser().feed((out / "report.html").read_text())
+    assert len(images) == len(files) and all(s.startswith("data:image/png;base64,") for s in images)
+    report = (out / "report.md").read_text()
+    assert all(f"({f})" in report for f in files)

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from certood.errors import CertoodError
+
 __all__ = ["ensure_lirpa", "applied_fixes"]
 
 _LOCK = threading.Lock()
@@ -48,7 +50,15 @@ def ensure_lirpa() -> types.ModuleType:
         if _LIRPA is not None:
             return _LIRPA
         with _numpy_arraysetops_shim(), _torch_onnx_import_shims():
-            lirpa = _import_quietly("auto_LiRPA")
+            try:
+                lirpa = _import_quietly("auto_LiRPA")
+            except ModuleNotFoundError as e:
+                if e.name != "auto_LiRPA":
+                    raise
+                raise CertoodError(
+                    "auto_LiRPA is not installed (hint: pip install --no-deps auto-lirpa==0.3, "
+                    "as the Makefile does; it pins an old torch, so pip refuses it as a dependency)"
+                ) from e
         _fix_node_getitem()
         _fix_named_members(lirpa)
         _fix_relu_alpha_clamp(lirpa)
@@ -121,9 +131,10 @@ def _numpy_arraysetops_shim() -> Iterator[None]:
 
 # Fix 2 (import part). auto_LiRPA 0.3 (parse_graph.py) imports
 # torch.onnx.utils._optimize_graph and torch.onnx.symbolic_helper._set_opset_version.
-# In torch 2.9+ the TorchScript exporter moved to torch.onnx._internal.torchscript_exporter;
-# _optimize_graph lives there (torch 2.14.1 still re-exports it from torch.onnx.utils), and
-# _set_opset_version is gone: setting GLOBALS.export_onnx_opset_version does its job.
+# Newer torch moved the TorchScript exporter to torch.onnx._internal.torchscript_exporter;
+# _optimize_graph lives there (torch 2.14.1 still re-exports it from torch.onnx.utils, so
+# that half is a no-op there), and _set_opset_version is gone (checked on 2.14.1): setting
+# GLOBALS.export_onnx_opset_version does its job.
 @contextlib.contextmanager
 def _torch_onnx_import_shims() -> Iterator[None]:
     with contextlib.ExitStack() as stack:
@@ -154,7 +165,7 @@ def _set_opset_version(opset_version: int) -> None:
     GLOBALS.export_onnx_opset_version = opset_version
 
 
-# Fix 3. torch 2.9+ no longer defines torch._C.Node.__getitem__ (node["attr"]); auto_LiRPA
+# Fix 3. torch 2.14 no longer defines torch._C.Node.__getitem__ (node["attr"]); auto_LiRPA
 # 0.3 reads node attributes that way when it parses the traced graph.
 def _fix_node_getitem() -> None:
     if hasattr(torch._C.Node, "__getitem__"):
@@ -170,8 +181,9 @@ def _fix_node_getitem() -> None:
     _mark("torch_node_getitem")
 
 
-# Fix 4. torch 2.0+ calls Module._named_members(..., remove_duplicate=...); auto_LiRPA 0.3
-# overrides it without that argument, so alpha-CROWN's parameters() raises a TypeError.
+# Fix 4. torch 2.x calls Module._named_members(..., remove_duplicate=...); auto_LiRPA 0.3
+# overrides it without that argument, so BoundedModule.parameters() raises a TypeError. The
+# bound code calls it on some paths, e.g. alpha-CROWN on conv layers in matrix mode.
 def _fix_named_members(lirpa: types.ModuleType) -> None:
     cls = lirpa.BoundedModule
     if "remove_duplicate" in inspect.signature(cls._named_members).parameters:
@@ -198,8 +210,8 @@ def _fix_named_members(lirpa: types.ModuleType) -> None:
     _mark("bounded_module_named_members")
 
 
-# Fix 5 (SILENT). Since torch 2.x, clamp's gradient is zero exactly at its bounds (checked on
-# 2.14). alpha-CROWN's ReLU slopes start exactly at 0 or 1 and are clamped to [0, 1] in
+# Fix 5 (SILENT). In torch 2.14 clamp's gradient is zero exactly at its bounds (probed below
+# before patching). alpha-CROWN's ReLU slopes start exactly at 0 or 1 and are clamped to [0, 1] in
 # BoundRelu._relu_mask_alpha, so they get no gradient, never move, and alpha-CROWN quietly
 # returns CROWN's bounds. A straight-through clamp keeps the clamped value (soundness only
 # needs a slope in [0, 1]) and passes the gradient; auto_LiRPA clips alpha after each step.
@@ -242,10 +254,11 @@ def _clamp_blocks_gradient_at_bounds() -> bool:
     return bool((probe.grad == 0).any())
 
 
-# Fix 6. BoundAveragePool.bound_backward in 0.3 calls last_A.view(...); with torch 2.x the A
-# matrix arriving from Flatten -> Linear is not contiguous, so CROWN through
-# AvgPool -> Flatten -> Linear raises "view size is not compatible with input tensor's size
-# and stride". Hand it contiguous tensors (Patches objects pass through untouched).
+# Fix 6. BoundAveragePool.bound_backward in 0.3 calls last_A.view(...). When a Linear after
+# Flatten feeds a ReLU, its intermediate bounds start from an identity spec that 0.3 expands
+# over the batch (stride 0), so with batch > 1 CROWN through AvgPool -> Flatten -> Linear
+# raises "view size is not compatible with input tensor's size and stride" (seen on torch
+# 2.14.1). Hand it contiguous tensors (Patches objects pass through untouched).
 def _fix_avgpool_contiguous(lirpa: types.ModuleType) -> None:
     from auto_LiRPA.operators.pooling import BoundAveragePool
 

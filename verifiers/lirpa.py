@@ -36,6 +36,9 @@ __all__ = ["Bounds", "bound_module", "METHODS"]
 # certood name -> auto_LiRPA method name.
 METHODS: dict[str, str] = {"ibp": "IBP", "crown": "CROWN", "alpha-crown": "CROWN-Optimized"}
 
+# Norms whose bounds the tests check by sampling and attack.
+NORMS = (math.inf, 2.0)
+
 # Always: 0.3's sparse-alpha path breaks with a shape mismatch when more than 90% of a
 # layer's neurons are unstable (FACTS.md).
 _BOUND_OPTS = {"sparse_features_alpha": False}
@@ -73,7 +76,7 @@ def bound_module(
         x: centres, shape (batch, ...).
         eps: radius, >= 0. For ``norm=inf`` a tensor broadcastable to ``x`` gives one
             radius per element; for other norms it must be a scalar.
-        norm: ``math.inf`` or a p >= 1.
+        norm: ``math.inf`` or ``2``.
         method: ``"ibp"``, ``"crown"`` or ``"alpha-crown"`` (tightest, slowest).
         C: specification matrix, shape (batch, n_specs, n_outputs); rows such as
             ``e_y - e_j`` bound logit margins directly (tighter than subtracting bounds).
@@ -135,8 +138,8 @@ def _validate(module, x, eps, norm, method, C, x_lower, x_upper, alpha_iteration
         raise CertoodError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     if not isinstance(x, Tensor) or x.dim() < 2:
         raise CertoodError(f"x must be a tensor of shape (batch, ...), got {_shape(x)}")
-    if not (norm == math.inf or (isinstance(norm, (int, float)) and norm >= 1)):
-        raise CertoodError(f"norm must be math.inf or a p >= 1, got {norm!r}")
+    if norm not in NORMS:
+        raise CertoodError(f"norm must be one of: inf, 2 (tested with auto_LiRPA 0.3), got {norm!r}")
     eps_t = torch.as_tensor(eps)
     if (eps_t < 0).any() or not torch.isfinite(eps_t).all():
         raise CertoodError(f"eps must be finite and >= 0, got {eps!r}")
@@ -147,16 +150,21 @@ def _validate(module, x, eps, norm, method, C, x_lower, x_upper, alpha_iteration
             raise CertoodError(
                 f"x_lower/x_upper clip the region only for norm=inf (auto_LiRPA ignores them for norm={norm})"
             )
-    elif eps_t.numel() > 1:
-        try:
-            torch.broadcast_shapes(eps_t.shape, x.shape)
-        except RuntimeError:
-            raise CertoodError(f"eps of shape {tuple(eps_t.shape)} does not broadcast to x of shape {tuple(x.shape)}") from None
+    for label, t in (("eps", eps_t), ("x_lower", x_lower), ("x_upper", x_upper)):
+        if isinstance(t, Tensor) and not _broadcasts(t, x):
+            raise CertoodError(f"{label} of shape {tuple(t.shape)} does not broadcast to x of shape {tuple(x.shape)}")
     if C is not None and (not isinstance(C, Tensor) or C.dim() != 3 or C.shape[0] != x.shape[0]):
         raise CertoodError(f"C must have shape (batch={x.shape[0]}, n_specs, n_outputs), got {_shape(C)}")
     if method == "alpha-crown" and (int(alpha_iterations) != alpha_iterations or alpha_iterations < 1):
         raise CertoodError(f"alpha_iterations must be a positive integer, got {alpha_iterations!r}")
     return METHODS[method]
+
+
+def _broadcasts(t: Tensor, x: Tensor) -> bool:
+    try:
+        return torch.broadcast_shapes(t.shape, x.shape) == x.shape
+    except RuntimeError:
+        return False
 
 
 def _shape(t) -> str:

@@ -19,6 +19,9 @@ from PIL import Image, UnidentifiedImageError
 
 from certood.errors import DataError
 
+VIDEO_IMAGE_KEYS = ("video_id", "frame_id")  # kept on images when present (CocoVID layout)
+VIDEO_LISTS = ("videos", "tracks")  # top-level lists of video datasets, passed through
+
 
 @dataclass(frozen=True)
 class ImageRecord:
@@ -76,6 +79,13 @@ class CocoDataset:
                                                "width": int(im["width"]), "height": int(im["height"])}
             except (KeyError, TypeError, ValueError):
                 issues.append(f"{annotations}: images[{i}] lacks a valid id/file_name/width/height; skipped")
+                continue
+            try:  # video datasets (CocoVID layout): which video, which frame
+                images_by_id[int(im["id"])].update(
+                    {k: int(im[k]) for k in VIDEO_IMAGE_KEYS if im.get(k) is not None})
+            except (TypeError, ValueError):
+                issues.append(f"{annotations}: images[{i}] has a non-integer video_id/frame_id; "
+                              "read as a still image")
         if max_images is not None:
             images_by_id = dict(list(images_by_id.items())[:max_images])
         anns: list[dict] = []
@@ -99,6 +109,7 @@ class CocoDataset:
                          "bbox": [x, y, w, h], "area": area, "iscrowd": iscrowd})
         coco = {"images": list(images_by_id.values()), "annotations": anns,
                 "categories": raw.get("categories", [])}
+        coco.update({k: raw[k] for k in VIDEO_LISTS if isinstance(raw.get(k), list)})
         by_image: dict[int, list[dict]] = {k: [] for k in images_by_id}
         for a in anns:
             by_image[a["image_id"]].append(a)

@@ -27,10 +27,10 @@ from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops
 
 from certood.detectors.base import Detections
 from certood.errors import CertoodError
-from certood.spec.v1 import ARCHS, BUILTIN_WEIGHTS as SPEC_BUILTIN_WEIGHTS, TAP_POINTS as SPEC_TAP_POINTS
+from certood.spec.v1 import ARCHS, BUILTIN_WEIGHTS as SPEC_BUILTIN_WEIGHTS
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-TAP_POINTS = tuple(SPEC_TAP_POINTS)
+TAP_POINTS = ("box_head.input", "box_head.output", "cls_logits")  # the two-stage taps of the spec
 BUILTIN_WEIGHTS = {name: ASSETS / f"{name}.safetensors" for name in SPEC_BUILTIN_WEIGHTS}
 
 
@@ -64,10 +64,14 @@ def digits_fasterrcnn(num_classes: int = 6, **kwargs) -> detection.FasterRCNN:
     )
 
 
-def build_model(arch: str, num_classes: int, **kwargs) -> detection.FasterRCNN:
+def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
     """A randomly initialised detector of a supported architecture (no downloads)."""
+    from certood.detectors.torchvision_onestage import ONESTAGE_ARCHS, build_onestage
+
     if arch == "digits_fasterrcnn":
         return digits_fasterrcnn(num_classes, **kwargs)
+    if arch in ONESTAGE_ARCHS:
+        return build_onestage(arch, num_classes, **kwargs)
     if arch in ARCHS:
         builder = getattr(detection, arch)
         return builder(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
@@ -167,9 +171,26 @@ class TorchvisionFasterRCNN:
     def num_classes(self) -> int:
         return int(self.model.roi_heads.box_predictor.cls_score.out_features)
 
-    def monitored_head(self) -> nn.Module:
-        """The part of the network between the ``box_head.input`` tap and ``cls_logits``."""
-        return nn.Sequential(self.model.roi_heads.box_head, self.model.roi_heads.box_predictor.cls_score)
+    def monitored_head(self, start: str = "box_head.input") -> nn.Module:
+        """The part of the network between the ``start`` tap and ``cls_logits``: box head +
+        classifier from ``box_head.input``, the classifier alone from ``box_head.output``
+        (an ``nn.Sequential`` ending with the classifier's Linear layer either way)."""
+        cls_score = self.model.roi_heads.box_predictor.cls_score
+        if start == "box_head.input":
+            return nn.Sequential(self.model.roi_heads.box_head, cls_score)
+        if start == "box_head.output":
+            return nn.Sequential(cls_score)
+        raise CertoodError(f"monitored_head: expected start box_head.input or box_head.output, found {start!r}")
+
+    def foreground_classifier(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W [C-1, D], b [C-1]): the classifier rows of the foreground classes."""
+        layer = self.model.roi_heads.box_predictor.cls_score
+        return layer.weight.detach()[1:].cpu(), layer.bias.detach()[1:].cpu()
+
+    def foreground_head(self):
+        """Callable: ``box_head.input`` features [N, 3136] -> foreground logits [N, C-1]."""
+        head = self.monitored_head().cpu().eval()
+        return lambda x: head(x)[:, 1:]
 
     @torch.no_grad()
     def detect(self, images: list[torch.Tensor]) -> list[Detections]:
@@ -207,13 +228,16 @@ def _resize_boxes(boxes: torch.Tensor, resized: tuple[int, int], original: tuple
 
 
 def load_detector(arch: str, weights: str, num_classes: int | None = None,
-                  device: str = "cpu", **options) -> TorchvisionFasterRCNN:
-    """Build ``arch``, load ``weights`` strictly, and wrap it in the adapter."""
+                  device: str = "cpu", **options):
+    """Build ``arch``, load ``weights`` strictly, and wrap it in the adapter (Faster R-CNN:
+    :class:`TorchvisionFasterRCNN`; RetinaNet, FCOS, SSDlite: ``TorchvisionOneStage``)."""
+    from certood.detectors.torchvision_onestage import ONESTAGE_ARCHS, TorchvisionOneStage
+
     path = resolve_weights(weights)
     state = load_state_dict(path)
     if num_classes is None:
         key = "roi_heads.box_predictor.cls_score.weight"
-        if key not in state:
+        if arch in ONESTAGE_ARCHS or key not in state:
             raise CertoodError(f"{path}: cannot infer num_classes (no {key}); set detector.num_classes")
         num_classes = int(state[key].shape[0])
     model = build_model(arch, num_classes, **options)
@@ -233,4 +257,5 @@ def load_detector(arch: str, weights: str, num_classes: int | None = None,
     model.load_state_dict(state, strict=True)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return TorchvisionFasterRCNN(model, file_sha256(path), device)
+    adapter = TorchvisionOneStage if arch in ONESTAGE_ARCHS else TorchvisionFasterRCNN
+    return adapter(model, file_sha256(path), device)

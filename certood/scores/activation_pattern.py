@@ -16,8 +16,6 @@ tensor([0., 1., 1.])
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 

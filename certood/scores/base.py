@@ -201,6 +201,15 @@ class Score:
         self._fit(features, labels)
         return self
 
+    def attach_head(self, head: Any, feature_dim: int) -> "Score":
+        """Give a loaded score its head back: heads are code, not state, so they are not saved."""
+        if not callable(head):
+            raise CertoodError(f"{self.kind}: expected a callable head, found {type(head).__name__}")
+        self.head = head
+        if self.feature_dim is None:
+            self.feature_dim = int(feature_dim)
+        return self
+
     def score(self, features: Tensor) -> Tensor:
         if not self.is_fitted:
             needs = "".join([", classifier=(W, b)" if self.needs_classifier else "",

@@ -104,8 +104,8 @@ class BoxAbstraction(Score):
         features, labels = drop_unmatched(features, labels, "box_abstraction.fit")
         if labels is None:
             labels = torch.zeros(features.shape[0], dtype=torch.int64)
-        self.lower, self.upper, self.box_class = fit_boxes(
-            features.to(torch.float32), labels, self.k, self.gamma, self.seed)
+        self.lower, self.upper, self.box_class = fit_boxes(  # on the CPU: seeded sampling
+            features.to("cpu", torch.float32), labels.cpu(), self.k, self.gamma, self.seed)
         self.feature_dim = features.shape[1]
 
     def _score(self, features: Tensor) -> Tensor:

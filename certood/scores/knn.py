@@ -4,8 +4,9 @@ Features are scaled to unit L2 norm; the score is the Euclidean distance to the 
 nearest normalised fit feature (the fit bank). Queries are compared to the bank in chunks of
 rows with ``torch.cdist`` in its matrix-product form (``|a|^2 + |b|^2 - 2ab``, float32: about
 3e-7 absolute error on unit vectors, larger only between near-duplicates), so memory stays
-``chunk x M`` and three boxes against 5,000 fit boxes take about 2 ms on one CPU core. Equal to pytorch-ood 0.4.0's ``KNN`` (scikit-learn neighbours) to float
-tolerance (tested). A fit row scored against its own bank counts itself, as there.
+``chunk x M`` and three boxes against 5,000 fit boxes take about 2 ms on one CPU core. Equal
+to pytorch-ood 0.4.0's ``KNN`` (scikit-learn neighbours) to float tolerance (tested). A fit
+row scored against its own bank counts itself, as there.
 
 >>> bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
 >>> round(KNN(k=1).fit(bank).score(torch.tensor([[2.0, 0.0]])).item(), 4)

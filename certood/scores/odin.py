@@ -31,12 +31,23 @@ from certood.errors import CertoodError
 from certood.scores.base import Score, check_number
 
 
+def head_logits(head: Callable[[Tensor], Tensor], features: Tensor) -> Tensor:
+    """``head(features)``, checked to be ``[N, C]`` logits with ``C >= 1``."""
+    logits = head(features)
+    if not isinstance(logits, Tensor) or logits.ndim != 2 \
+            or logits.shape[0] != features.shape[0] or logits.shape[1] == 0:
+        found = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise CertoodError(f"odin: expected head to return logits [{features.shape[0]}, C], "
+                           f"found {found}")
+    return logits
+
+
 def odin_perturb(features: Tensor, head: Callable[[Tensor], Tensor], temperature: float,
                  eps: float) -> Tensor:
     """``x - eps * sign(-grad_x log max softmax(head(x) / T))``, row by row."""
     with torch.inference_mode(False), torch.enable_grad():
         x = features.detach().clone().requires_grad_(True)
-        log_msp = torch.log_softmax(head(x) / temperature, dim=1).max(dim=1).values
+        log_msp = torch.log_softmax(head_logits(head, x) / temperature, dim=1).max(dim=1).values
         (grad,) = torch.autograd.grad(log_msp.sum(), x)
     return features.detach() + eps * grad.sign()
 
@@ -46,10 +57,7 @@ def odin_score(features: Tensor, head: Callable[[Tensor], Tensor], temperature: 
     """``-max_c softmax(head(x') / T)_c`` at the perturbed features ``x'``; ``[N]``."""
     x_hat = odin_perturb(features, head, temperature, eps)
     with torch.no_grad():
-        logits = head(x_hat)
-    if logits.ndim != 2 or logits.shape[0] != features.shape[0] or logits.shape[1] == 0:
-        raise CertoodError(f"odin: expected head to return logits [{features.shape[0]}, C], "
-                           f"found {tuple(logits.shape)}")
+        logits = head_logits(head, x_hat)
     return -torch.softmax(logits / temperature, dim=1).max(dim=1).values
 
 

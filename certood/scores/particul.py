@@ -74,7 +74,8 @@ def train_part_detectors(maps: Tensor, parts: int, epochs: int, seed: int,
     """
     g = torch.Generator().manual_seed(seed)
     maps = maps.to(torch.float32)
-    weight = torch.randn(parts, maps.shape[1], generator=g) / math.sqrt(maps.shape[1])
+    weight = (torch.randn(parts, maps.shape[1], generator=g) / math.sqrt(maps.shape[1])).to(
+        maps.device)
     m, v, step = torch.zeros_like(weight), torch.zeros_like(weight), 0
     beta1, beta2 = 0.9, 0.999
     with torch.inference_mode(False), torch.enable_grad():

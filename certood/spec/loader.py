@@ -22,13 +22,16 @@ from pathlib import Path
 
 from certood.errors import SpecError, SpecIssue
 from certood.spec.model import (
-    DataSource, DataSpec, DetectorSpec, GatePolicy, OutputSpec, ScoreSpec, Spec, ThresholdSpec,
+    CertifySpec, DataSource, DataSpec, DetectorSpec, GatePolicy, OutputSpec, ScoreSpec, Spec, TemporalSpec,
+    ThresholdSpec,
 )
 from certood.spec.policy import GateNames, build_policies, check_policy_entries, conflicts
 from certood.spec.rule import Rule, RuleProblem, check_rule
 from certood.spec.schema import Collector, Problem, did_you_mean
 from certood.spec.source import LINE_BREAK, Document, Loc, key_path_str, read_yaml
-from certood.spec.v1 import BUILTIN_WEIGHTS, POLICY_FILE, SCORE_KIND_TABLE, SCORE_NAME, SPEC, TAP_POINTS
+from certood.spec.v1 import (
+    BUILTIN_WEIGHTS, CERTIFY_TAP_POINTS, POLICY_FILE, SCORE_KIND_TABLE, SCORE_NAME, SPEC, TAP_POINTS, VIDEO_SPLITS,
+)
 
 def load_spec(path: str | Path) -> Spec:
     """Load and validate a spec file; raises SpecError listing every error in it."""
@@ -72,8 +75,11 @@ def check_spec_text(text: str | bytes, filename: str = "<string>",
     ctx = Collector()
     norm = SPEC.validate(doc.value, (), ctx)
     _cross_check(norm, doc.value, ctx)
+    _check_certify(norm, doc.value, ctx)
+    temporal_warnings = _check_temporal(norm, doc.value, ctx)
     gate = _check_gate(norm, doc, filename, GateNames.from_raw(doc.value), ctx)
     issues = doc.issues + [_locate(p, doc, filename) for p in ctx.problems]
+    issues += [_locate(p, doc, filename, "warning") for p in temporal_warnings]
     rule, rule_issues = _check_rule(norm, doc, filename)
     issues = sorted(issues + rule_issues, key=lambda i: (i.line, i.column))
     if rule is None or any(i.severity == "error" for i in issues):
@@ -178,6 +184,42 @@ def _cross_check(norm, raw: dict, ctx: Collector) -> None:
                 "nothing", "add e.g. fit: {digitsdet: train}")
 
 
+def _check_temporal(norm, raw: dict, ctx: Collector) -> list[Problem]:
+    """Errors (into ctx) and warnings (returned) of the `temporal` block: certified k <= n,
+    parameters of another aggregate, and DigitsDet data that is not video."""
+    temporal = norm.get("temporal") if isinstance(norm, dict) else None
+    if not isinstance(temporal, dict):
+        return []
+    warnings = []
+    certified = temporal.get("certified")
+    if isinstance(certified, dict) and isinstance(certified.get("k"), int) and isinstance(certified.get("n"), int) \
+            and certified["k"] > certified["n"]:
+        ctx.add(("temporal", "certified", "k"), f"k <= n (n = {certified['n']})", f"k = {certified['k']}",
+                "k certified frames must fit in the window of the last n frames")
+    aggregate, written = temporal.get("aggregate"), raw.get("temporal") or {}
+    for key, owner in (("alpha", "ema"), ("cusum", "cusum")):
+        if key in written and isinstance(aggregate, str) and aggregate != owner:
+            warnings.append(Problem(("temporal", key), f"'{key}' only with aggregate: {owner}",
+                                    f"aggregate: {aggregate}", f"remove '{key}', or set aggregate: {owner}",
+                                    at_key=True))
+    data = norm.get("data") if isinstance(norm.get("data"), dict) else {}
+    sources = [(("data", "calibration"), data.get("calibration"), True),
+               (("data", "id_test"), data.get("id_test"), False)]
+    sources += [(("data", "ood", k), v, False) for k, v in (data.get("ood") or {}).items()] \
+        if isinstance(data.get("ood"), dict) else []
+    for path, source, required in sources:
+        split = source.get("digitsdet") if isinstance(source, dict) else None
+        if isinstance(split, str) and split not in VIDEO_SPLITS:
+            problem = (path + ("digitsdet",), f"a video split ({', '.join(VIDEO_SPLITS)}) when temporal is set",
+                       repr(split), "track thresholds are calibrated on video" if required
+                       else "still images give no tracks: this set is skipped by the temporal metrics")
+            if required:
+                ctx.add(*problem)
+            else:
+                warnings.append(Problem(*problem))
+    return warnings
+
+
 def _wrong_tap_point(name: str, kind: str, tap: str, taps: dict, need: str, ctx: Collector) -> None:
     points = [p for p, t in TAP_POINTS.items() if t == need]
     fitting = [t for t, p in taps.items() if p in points]
@@ -228,14 +270,22 @@ def _rule_issue(problem: RuleProblem, loc: Loc, source: str, file: str) -> SpecI
 # --- building the dataclasses (only for a spec without errors) ------------------------------
 def _build(norm: dict, raw: dict, rule: Rule, base: Path, warnings: tuple) -> Spec:
     det, data = norm["detector"], norm["data"]
-    weights = det["weights"]
-    if not weights.startswith("builtin:"):
-        weights = str(_resolve(base, weights))
-    detector = DetectorSpec(
-        kind=det["kind"], arch=det["arch"], weights=weights, num_classes=det.get("num_classes"),
-        min_size=det.get("min_size"), max_size=det.get("max_size"),
-        score_thresh=det["score_thresh"], device=det["device"],
-    )
+    if det["kind"] == "onnx":
+        detector = DetectorSpec(
+            kind="onnx", arch="", weights=str(_resolve(base, det["path"])), num_classes=det.get("num_classes"),
+            score_thresh=det["score_thresh"], device=det["device"], layout=det["layout"],
+            tensors=dict(det["tensors"]), input=det.get("input"), outputs=dict(det["outputs"]),
+            nms_thresh=det["nms_thresh"], max_detections=det["max_detections"],
+        )
+    else:
+        weights = det["weights"]
+        if not weights.startswith("builtin:"):
+            weights = str(_resolve(base, weights))
+        detector = DetectorSpec(
+            kind=det["kind"], arch=det["arch"], weights=weights, num_classes=det.get("num_classes"),
+            min_size=det.get("min_size"), max_size=det.get("max_size"),
+            score_thresh=det["score_thresh"], device=det["device"],
+        )
 
     def source(d: dict | None) -> DataSource | None:
         if d is None:
@@ -259,7 +309,47 @@ def _build(norm: dict, raw: dict, rule: Rule, base: Path, warnings: tuple) -> Sp
         output=OutputSpec(dir=_resolve(base, (norm.get("output") or {}).get("dir"))),
         warnings=warnings,
         raw=raw,
+        temporal=_temporal(norm.get("temporal")),
+        certify=_certify(norm.get("certify")),
     )
+
+
+def _certify(c: dict | None) -> CertifySpec | None:
+    if c is None:
+        return None
+    return CertifySpec(tap=c["tap"], eps=c["eps"], norm=str(c["norm"]), method=c["method"], exact=c["exact"],
+                       timeout_s=c["timeout_s"], radius=c["radius"], domain=c["domain"])
+
+
+def _check_certify(norm, raw: dict, ctx: Collector) -> None:
+    """certify.tap must name a tap pointing at a point a region can sit at."""
+    certify = norm.get("certify") if isinstance(norm, dict) else None
+    taps_raw = raw.get("taps")
+    if not isinstance(certify, dict) or not isinstance(certify.get("tap"), str) or not isinstance(taps_raw, dict):
+        return
+    tap, taps = certify["tap"], norm.get("taps") if isinstance(norm.get("taps"), dict) else {}
+    fitting = [t for t, p in taps.items() if p in CERTIFY_TAP_POINTS]
+    points = " or ".join(CERTIFY_TAP_POINTS)
+    if tap not in taps_raw:
+        hint = did_you_mean(tap, taps_raw) or (f"taps at {points}: {', '.join(fitting)}" if fitting
+                                               else f"define one under taps, e.g. roi: {CERTIFY_TAP_POINTS[0]}")
+        ctx.add(("certify", "tap"), f"a tap defined under taps (one of: {', '.join(taps_raw)})", repr(tap), hint)
+    elif taps.get(tap) in TAP_POINTS and taps[tap] not in CERTIFY_TAP_POINTS:
+        hint = (f"taps at {points}: {', '.join(fitting)}" if fitting
+                else f"define one under taps, e.g. roi: {CERTIFY_TAP_POINTS[0]}")
+        ctx.add(("certify", "tap"), f"a tap at {points} (where the bounded head starts)",
+                f"'{tap}' at {taps[tap]}", hint)
+
+
+def _temporal(t: dict | None) -> TemporalSpec | None:
+    if t is None:
+        return None
+    tracker, cusum, certified = t.get("tracker") or {}, t.get("cusum") or {}, t.get("certified") or {}
+    given = {"iou": tracker.get("iou"), "max_age": tracker.get("max_age"), "aggregate": t.get("aggregate"),
+             "alpha": t.get("alpha"), "cusum_k": cusum.get("k"),
+             "cusum_false_alarm_rate": cusum.get("target_false_alarm_rate"),
+             "certified_k": certified.get("k"), "certified_n": certified.get("n")}
+    return TemporalSpec(**{k: v for k, v in given.items() if v is not None})
 
 
 def _resolve(base: Path, path: str | None) -> Path | None:

@@ -17,11 +17,19 @@ DEFAULT_SCORE_THRESH = 0.05
 DEFAULT_DEVICE = "cpu"
 DEFAULT_TPR = 0.95
 DEFAULT_DETECTOR_SCORE = "f1"
+AGGREGATES = ("mean", "ema", "max", "cusum")
+DEFAULT_TRACK_IOU = 0.3
+DEFAULT_MAX_AGE = 3
+DEFAULT_AGGREGATE = "ema"
+DEFAULT_ALPHA = 0.3
+DEFAULT_CUSUM_K = 0.5
+DEFAULT_CUSUM_RATE = 0.05
 
 
 @dataclass(frozen=True)
 class DetectorSpec:
-    """Which detector to monitor. `weights` is "builtin:NAME" or an absolute path."""
+    """Which detector to monitor. `weights` is "builtin:NAME" or an absolute path (for kind
+    onnx, the model file; `arch` is then "")."""
 
     kind: str
     arch: str
@@ -31,6 +39,13 @@ class DetectorSpec:
     max_size: int | None = None
     score_thresh: float = DEFAULT_SCORE_THRESH
     device: str = DEFAULT_DEVICE
+    # kind onnx (``weights`` is then the .onnx file): certood.detectors.onnx_detector
+    layout: str | None = None
+    tensors: dict = field(default_factory=dict)  # tap point -> graph tensor
+    input: str | None = None
+    outputs: dict = field(default_factory=dict)
+    nms_thresh: float = 0.5
+    max_detections: int = 100
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,23 @@ class ThresholdSpec:
 @dataclass(frozen=True)
 class OutputSpec:
     dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class CertifySpec:
+    """Certificates (certood.certify): the region ``||z' - z||_norm <= eps`` around each box's
+    feature at tap `tap` (a tap at box_head.input or box_head.output), intersected with
+    ``z' >= 0`` when `domain` is "nonnegative"; bounded with `method`; rules decided exactly
+    with z3 within `timeout_s` when `exact` is "z3"; `radius`: also search the largest eps."""
+
+    tap: str
+    eps: float
+    norm: str = "inf"  # "inf" or "2"
+    method: str = "crown"  # ibp | crown | alpha-crown
+    exact: str = "none"  # none | z3
+    timeout_s: float = 2.0
+    radius: bool = False
+    domain: str = "nonnegative"  # nonnegative | any
 
 
 @dataclass(frozen=True)
@@ -112,6 +144,21 @@ class GatePolicy:
 
 
 @dataclass(frozen=True)
+class TemporalSpec:
+    """Track-level monitoring of video: the tracker, how scores are aggregated along a
+    track, and how per-box certificates are (k of the last n frames; None: not aggregated)."""
+
+    iou: float = DEFAULT_TRACK_IOU
+    max_age: int = DEFAULT_MAX_AGE
+    aggregate: str = DEFAULT_AGGREGATE
+    alpha: float = DEFAULT_ALPHA
+    cusum_k: float = DEFAULT_CUSUM_K
+    cusum_false_alarm_rate: float = DEFAULT_CUSUM_RATE
+    certified_k: int | None = None
+    certified_n: int | None = None
+
+
+@dataclass(frozen=True)
 class Spec:
     """A validated monitor spec; build one with `certood.spec.load_spec`.
 
@@ -130,10 +177,12 @@ class Spec:
     warnings: tuple[SpecIssue, ...]
     raw: dict
     gate: tuple[GatePolicy, ...] = ()  # release gate policies; not part of the fingerprint
+    certify: CertifySpec | None = None  # certificates; not part of the fingerprint
+    temporal: TemporalSpec | None = None  # track-level monitoring of video, when set
 
     def fingerprint(self) -> str:
         """sha256 of what determines a calibration: version, detector, fit and calibration
-        data, taps, scores and threshold, as written. Rule, output, gate, id_test and ood are
+        data, taps, scores, threshold and temporal, as written. Rule, output, gate, id_test and ood are
         left out, so editing them keeps a calibrated monitor (and its check results) usable."""
         raw, data = self.raw, self.raw.get("data") or {}
         payload = {
@@ -145,5 +194,7 @@ class Spec:
             "scores": raw.get("scores"),
             "threshold": raw.get("threshold"),
         }
+        if "temporal" in raw:  # track thresholds are calibrated too; absent: hash as before
+            payload["temporal"] = raw["temporal"]
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()

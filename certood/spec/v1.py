@@ -8,6 +8,7 @@ Adding a score kind is one entry in `SCORE_KIND_TABLE`.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from certood.spec import model
@@ -20,10 +21,17 @@ TAP_POINTS: dict[str, str] = {
     "box_head.input": "features",  # pooled ROI features entering the box head
     "box_head.output": "features",  # the box head's output (penultimate features)
     "cls_logits": "logits",  # class logits, background included
+    # one-stage detectors (RetinaNet, FCOS, SSDlite): read at the detection's anchor and location
+    "head.input": "features",  # the pyramid feature entering the head (uniform-width levels only)
+    "head.cls_features": "features",  # the classification tower's output (RetinaNet, FCOS)
 }
-ARCHS = ("digits_fasterrcnn", "fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn")
+ARCHS = ("digits_fasterrcnn", "fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn",
+         "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn",
+         "ssdlite320_mobilenet_v3_large")
 BUILTIN_WEIGHTS = {"digits_fasterrcnn": "digits_fasterrcnn"}  # builtin name -> the arch it fits
-DIGITSDET_SPLITS = ("train", "val", "test", "ood-near", "ood-far", "mixed")
+DIGITSDET_SPLITS = ("train", "val", "test", "ood-near", "ood-far", "mixed",
+                    "video-val", "video-test", "video-ood")  # video-*: DigitsDet-Video
+VIDEO_SPLITS = ("video-val", "video-test", "video-ood")
 DEVICES = ("cpu", "cuda", "auto")
 
 NAME = r"[A-Za-z_][A-Za-z0-9_-]*"
@@ -192,7 +200,7 @@ def _score_record(kind: ScoreKind) -> Record:
     }, description=kind.description)
 
 
-DETECTOR = Record({
+TORCHVISION_DETECTOR = Record({
     "kind": Field(Enum(("torchvision",)), required=True),
     "arch": Field(Enum(ARCHS), required=True),
     "weights": Field(
@@ -207,6 +215,33 @@ DETECTOR = Record({
                           description="detections below this detector score are dropped"),
     "device": Field(Enum(DEVICES), default=model.DEFAULT_DEVICE),
 })
+
+ONNX_LAYOUTS = ("two_stage", "yolo", "detr")  # certood.detectors.onnx_detector documents each
+TAP_POINT_KEY = "|".join(re.escape(p) for p in TAP_POINTS)
+ONNX_DETECTOR = Record({
+    "kind": Field(Enum(("onnx",)), required=True),
+    "path": Field(Str(r"[^\x00]*\.onnx", "a path ending in .onnx"), required=True,
+                  description="the ONNX model, relative to the spec file (run with ONNX Runtime)"),
+    "layout": Field(Enum(ONNX_LAYOUTS), default="two_stage",
+                    description="which outputs the graph has and how detections tie to tapped rows"),
+    "tensors": Field(Map(Str(r".+", "a graph tensor name"), TAP_POINT_KEY, "a tap point (one of: "
+                         + ", ".join(TAP_POINTS) + ")"),
+                     default={}, description="tap point -> the graph tensor read there (added as an output)"),
+    "input": Field(Str(r".+", "a graph input name"), description="the image input (default: the only one)"),
+    "outputs": Field(Map(Str(r".+", "a graph output name"), NAME, "a layout output name"), default={},
+                     description="renamed layout outputs, e.g. {rows: keep_index}"),
+    "num_classes": Field(Int(min=2, max=100_000),
+                         description="number of classes, background included (default: from the graph)"),
+    "score_thresh": Field(Float(ge=0, lt=1), default=model.DEFAULT_SCORE_THRESH,
+                          description="detections below this detector score are dropped"),
+    "nms_thresh": Field(Float(gt=0, le=1), default=0.5, description="yolo layout: NMS IoU threshold"),
+    "max_detections": Field(Int(min=1, max=100_000), default=100,
+                            description="yolo, detr layouts: detections kept per image"),
+    "device": Field(Enum(DEVICES), default=model.DEFAULT_DEVICE),
+}, description="an ONNX detector (certood.detectors.onnx_detector)")
+
+DETECTOR = Tagged({"torchvision": TORCHVISION_DETECTOR, "onnx": ONNX_DETECTOR},
+                  description="the detector: torchvision (arch + weights) or onnx (path + layout)")
 
 DATA_SOURCE = Record({
     "digitsdet": Field(Enum(DIGITSDET_SPLITS), description="a split of the bundled DigitsDet dataset"),
@@ -282,11 +317,54 @@ GATE_POLICY = Record({
 
 GATE = List(GATE_POLICY, min_items=1, description="release gate policies (certood gate)")
 
+# Certificates: which taps a region can sit at (the bounded head starts there).
+CERTIFY_TAP_POINTS = ("box_head.input", "box_head.output")
+CERTIFY = Record({
+    "tap": Field(Str(NAME, "the name of a tap"), required=True,
+                 description="tap whose features are perturbed; it must point at "
+                 + " or ".join(CERTIFY_TAP_POINTS)),
+    "norm": Field(Enum(("inf", 2)), default="inf", description="norm of the region: inf or 2"),
+    "eps": Field(Float(gt=0), required=True, description="radius of the region around each box's feature"),
+    "method": Field(Enum(("ibp", "crown", "alpha-crown")), default="crown",
+                    description="bound propagation (auto_LiRPA); alpha-crown is tightest and slowest"),
+    "exact": Field(Enum(("none", "z3")), default="none",
+                   description="z3: decide the rule exactly under the score bounds when intervals cannot"),
+    "timeout_s": Field(Float(gt=0), default=2.0, description="time limit of each exact decision, seconds"),
+    "radius": Field(Enum((False, True)), default=False,
+                    description="also search (doubling, bisection) the largest eps at which each verdict holds"),
+    "domain": Field(Enum(("nonnegative", "any")), default="nonnegative",
+                    description="nonnegative: intersect the region with z' >= 0 (post-ReLU features)"),
+}, description="certificates: what the rule says over a region around each box's feature")
+
 # A policy file for `certood gate --policy FILE`: the same policies, outside the spec.
 POLICY_FILE = Record({
     "version": Field(Enum(SUPPORTED_VERSIONS), description="policy file format version"),
     "gate": Field(GATE, required=True),
 }, description="certood gate policy file")
+
+TEMPORAL = Record({
+    "tracker": Field(Record({
+        "iou": Field(Float(gt=0, le=1), default=model.DEFAULT_TRACK_IOU,
+                     description="least IoU of a box with a track's predicted box to continue it"),
+        "max_age": Field(Int(min=0, max=100_000), default=model.DEFAULT_MAX_AGE,
+                         description="consecutive frames a track may miss before it ends"),
+    }), description="IoU tracker linking boxes across frames (optimal assignment)"),
+    "aggregate": Field(Enum(model.AGGREGATES), default=model.DEFAULT_AGGREGATE,
+                       description="how a score is aggregated along a track, causally: running mean, "
+                       "exponential smoothing (ema), running max, or CUSUM of standardised scores"),
+    "alpha": Field(Float(gt=0, le=1), default=model.DEFAULT_ALPHA,
+                   description="ema: weight of the newest frame"),
+    "cusum": Field(Record({
+        "k": Field(Float(ge=0), default=model.DEFAULT_CUSUM_K,
+                   description="drift allowance, in ID standard deviations of the score"),
+        "target_false_alarm_rate": Field(Float(gt=0, lt=1), default=model.DEFAULT_CUSUM_RATE,
+                                         description="fraction of calibration ID boxes above the CUSUM threshold"),
+    }), description="cusum: drift and the false-alarm rate its threshold is calibrated to"),
+    "certified": Field(Record({
+        "k": Field(Int(min=1, max=100_000), required=True, description="certified_ood frames needed"),
+        "n": Field(Int(min=1, max=100_000), required=True, description="window of the last n frames"),
+    }), description="a track is certified OOD at a frame when >= k of its last n frames are"),
+}, description="track-level monitoring of video (needs COCO-video data: images with video_id, frame_id)")
 
 SPEC = Record({
     "version": Field(Enum(SUPPORTED_VERSIONS), required=True, description="spec format version"),
@@ -304,6 +382,8 @@ SPEC = Record({
                   "default: every score above its threshold, or-ed"),
     "output": Field(Record({"dir": Field(Str(PATH, "a path"), description="relative to the spec file")})),
     "gate": Field(GATE, description="release gate policies checked by `certood gate`"),
+    "certify": Field(CERTIFY),
+    "temporal": Field(TEMPORAL, description="track-level OOD confidence on video (certood check)"),
 }, description="certood monitor spec")
 
 

@@ -51,6 +51,8 @@ def test_works_under_inference_mode():
     expected = s.score(x)
     with torch.inference_mode():
         assert torch.equal(s.score(x), expected)
+        x_inference = x.clone()  # an inference tensor, as a monitor under inference_mode makes
+        assert torch.equal(s.score(x_inference), expected)
 
 
 def test_ood_scores_higher(data, auroc):
@@ -80,7 +82,8 @@ def test_errors():
     x = torch.randn(3, 8)
     with pytest.raises(CertoodError, match="odin: expected a fitted score, found an unfitted one"):
         ODIN().score(x)
-    with pytest.raises(CertoodError, match=r"expected head=<callable mapping \[N, 8\] .+, found None"):
+    with pytest.raises(CertoodError,
+                       match=r"expected head=<callable mapping \[N, 8\] .+, found None"):
         ODIN().fit(x)
     with pytest.raises(CertoodError, match="found Tensor"):
         ODIN().fit(x, head=torch.zeros(3))
@@ -89,7 +92,8 @@ def test_errors():
     with pytest.raises(CertoodError, match="odin.temperature: expected a number > 0"):
         ODIN(temperature=0)
     bad_head = ODIN().fit(x, head=lambda t: t.sum(1))
-    with pytest.raises(CertoodError, match=r"expected head to return logits \[3, C\], found \(3,\)"):
+    with pytest.raises(CertoodError,
+                       match=r"expected head to return logits \[3, C\], found \(3,\)"):
         bad_head.score(x)
     with pytest.raises(CertoodError, match="expected features with D=8 columns"):
         bad_head.score(torch.zeros(2, 9))

@@ -78,7 +78,7 @@ INVALID = [
     variant("{digitsdet: val}", "{max_images: 3}"),
     variant("  calibration: {digitsdet: val}\n", ""),
     variant("{kind: mahalanobis, tap: penultimate}", "{tap: penultimate}"),
-    variant("{kind: mahalanobis, tap: penultimate}", "{kind: knn, tap: penultimate}"),
+    variant("{kind: mahalanobis, tap: penultimate}", "{kind: knnn, tap: penultimate}"),
     variant("{kind: mahalanobis, tap: penultimate}", "{kind: mahalanobis, tap: penultimate, temperature: 1}"),
     variant("  maha:  ", "  ma-ha: "),
     variant("roi: box_head.input", "roi: box_head"),

@@ -1,0 +1,167 @@
+"""The check's figures and HTML report: files exist, PNGs decode, the HTML parses and embeds
+every figure, examples rank the worst boxes first, and a failing figure costs only itself."""
+from __future__ import annotations
+
+import base64
+import io
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from certood import plots
+from certood.extract import DatasetDetections
+
+
+def _dets(name: str, n_images: int, per_image: int, seed: int) -> DatasetDetections:
+    g = torch.Generator().manual_seed(seed)
+    n = n_images * per_image
+    xy = torch.rand(n, 2, generator=g) * 40
+    boxes = torch.cat([xy, xy + 8 + torch.rand(n, 2, generator=g) * 16], dim=1)
+    return DatasetDetections(name, torch.arange(n_images).repeat_interleave(per_image), boxes,
+                             torch.ones(n, dtype=torch.long), torch.full((n,), 0.9), {}, n_images, 0.1)
+
+
+@pytest.fixture()
+def per_set():
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for i, (name, shift) in enumerate((("id_test", 0.0), ("ood/near", 1.0), ("ood/far", 2.5))):
+        dets = _dets(name, 4, 5, i)
+        values = {"energy": torch.randn(20, generator=g) + shift, "maha": torch.randn(20, generator=g) * 3 + shift}
+        out[name] = {"dets": dets, "values": values,
+                     "flags": (values["energy"] > 1.0) | (values["maha"] > 3.0)}
+    return out
+
+
+@pytest.fixture()
+def metrics():
+    scores = {"energy": {"auroc": 0.71, "aupr_in": 0.7, "aupr_out": 0.6, "fpr95": 0.8, "fpr95_first": 0.8,
+                         "n_id": 20, "n_ood": 20}}
+    return {"spec": "spec.yaml", "spec_fingerprint": "ab" * 32, "detector_sha256": "cd" * 32,
+            "protocol": "box-level <test>", "id_test": {"map": 0.5, "map50": 0.7, "map75": 0.4,
+                                                        "n_images": 4, "n_boxes": 20},
+            "ood": {"near": {"scores": scores, "rule": {"id_tpr": 0.9, "ood_flag_rate": 0.5}},
+                    "far": {"scores": scores}},
+            "monitor": {"rule": "energy > t.energy or maha > t.maha", "detector_threshold": 0.5,
+                        "thresholds": {"energy": 1.0, "maha": 3.0}, "tpr": 0.95},
+            "issues": []}
+
+
+@pytest.fixture()
+def image_paths(tmp_path):
+    paths = {}
+    for name in ("id_test", "ood/near", "ood/far"):
+        folder = tmp_path / "images" / name.replace("/", "_")
+        folder.mkdir(parents=True)
+        for image_id in range(4):
+            path = folder / f"{image_id}.png"
+            Image.fromarray(np.full((64, 64, 3), 40 * image_id, dtype=np.uint8)).save(path)
+            paths.setdefault(name, {})[image_id] = path
+    return lambda name: paths[name]
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources, self.tags = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+def _parse(text: str) -> _Images:
+    parser = _Images()
+    parser.feed(text)
+    parser.close()
+    return parser
+
+
+def test_every_figure_is_written_decodes_and_is_embedded_in_the_html(tmp_path, per_set, metrics, image_paths):
+    metrics["certificates"] = {"id_test": {"counts": {"certified_id": 12, "undecided": 8}},
+                               "near": {"certified_rate": 0.25, "undecided_rate": 0.75, "n_boxes": 20}}
+    written = plots.write_visual_report(tmp_path, metrics, per_set, image_paths=image_paths)
+    files = sorted(p.file for p in written)
+    assert files == sorted(["plots/roc_near.png", "plots/roc_far.png", "plots/hist_energy.png",
+                            "plots/hist_maha.png", "plots/certificates.png", "plots/examples.png"])
+    assert metrics["plots"] == [p.to_dict() for p in written] and metrics["issues"] == []
+    for f in files:
+        with Image.open(tmp_path / f) as im:
+            im.verify()
+    text = (tmp_path / "report.html").read_text()
+    parsed = _parse(text)
+    assert len(parsed.sources) == len(files)
+    for src in parsed.sources:
+        prefix = "data:image/png;base64,"
+        assert src.startswith(prefix)
+        with Image.open(io.BytesIO(base64.b64decode(src[len(prefix):]))) as im:
+            im.load()
+            assert im.size[0] > 100 and im.size[1] > 100
+    assert "src=\"plots/" not in text and "http" not in text.split("<body>")[1]  # self-contained
+    assert "box-level &lt;test&gt;" in text  # text is escaped
+    assert "0.710" in text and "certified_id" in text and "12" in text
+
+
+def test_examples_rank_worst_false_alarms_then_worst_misses(per_set, metrics):
+    thresholds = metrics["monitor"]["thresholds"]
+    chosen = plots.select_examples(per_set, thresholds, k=3)
+    margins = plots.box_margins(per_set, thresholds)
+    alarms = [e for e in chosen if e.kind == "false alarm"]
+    misses = [e for e in chosen if e.kind == "miss"]
+    assert chosen == alarms + misses and len(alarms) == 3 and len(misses) == 3
+    assert {e.dataset for e in alarms} == {"id_test"} and all(e.dataset.startswith("ood/") for e in misses)
+    assert alarms[0].margin == pytest.approx(float(margins["id_test"].max()))
+    lowest_ood = min(float(margins[n].min()) for n in ("ood/near", "ood/far"))
+    assert misses[0].margin == pytest.approx(lowest_ood)
+    assert [e.margin for e in alarms] == sorted((e.margin for e in alarms), reverse=True)
+    assert [e.margin for e in misses] == sorted(e.margin for e in misses)
+    assert len({(e.dataset, e.image_id) for e in chosen}) == len(chosen)  # one per image
+    # the margin is the largest standardised excess over the thresholds
+    row = alarms[0].row
+    std = {k: float(per_set["id_test"]["values"][k].double().std(unbiased=False)) for k in thresholds}
+    expected = max((float(per_set["id_test"]["values"][k][row]) - t) / std[k] for k, t in thresholds.items())
+    assert alarms[0].margin == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_failing_figure_is_an_issue_and_the_others_are_written(tmp_path, per_set, metrics, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no ink")
+
+    monkeypatch.setattr(plots, "roc_figure", broken)
+    written = plots.write_visual_report(tmp_path, metrics, per_set)  # no images: grey panels
+    assert not (tmp_path / "plots" / "roc_near.png").exists()
+    assert (tmp_path / "plots" / "hist_energy.png").is_file() and (tmp_path / "plots" / "examples.png").is_file()
+    failed = [m for m in metrics["issues"] if "no ink" in m]
+    assert len(failed) == 2 and all(m.startswith("plots: plots/roc_") for m in failed)
+    html = (tmp_path / "report.html").read_text()
+    assert len(_parse(html).sources) == len(written) == 3 and "no ink" in html
+
+
+def test_unreadable_example_images_are_reported(tmp_path, per_set, metrics):
+    missing = {i: tmp_path / f"absent{i}.png" for i in range(4)}
+    plots.write_visual_report(tmp_path, metrics, per_set, image_paths=lambda name: missing)
+    assert (tmp_path / "plots" / "examples.png").is_file()
+    assert any("absent" in m and "not found" in m for m in metrics["issues"])
+
+
+def test_verdict_counts_accept_counts_verdict_keys_and_rates():
+    assert plots.verdict_counts({"counts": {"certified_ood": 3, "undecided": 1}}) == \
+        {"certified_ood": 3, "undecided": 1}
+    assert plots.verdict_counts({"certified_id": 4, "certified_ood": 1, "n_boxes": 5}) == \
+        {"certified_ood": 1, "certified_id": 4}
+    assert plots.verdict_counts({"certified_rate": 0.5, "undecided_rate": 0.5, "n_boxes": 10}) == \
+        {"certified": 5, "undecided": 5}
+    assert plots.verdict_counts({"n_boxes": 3}) is None and plots.verdict_counts("x") is None
+
+
+def test_markdown_references_the_figures(per_set, metrics, tmp_path):
+    from certood.report import report_markdown
+
+    plots.write_visual_report(tmp_path, metrics, per_set)
+    text = report_markdown(metrics)
+    for p in metrics["plots"]:
+        assert f"]({p['file']})" in text and (tmp_path / p["file"]).is_file()
