@@ -79,7 +79,10 @@ def save_monitor(monitor, out_dir: Path) -> Path:
         "detector_sha256": monitor.detector_sha256,
         "detector_threshold": monitor.detector_threshold,
         "thresholds": monitor.thresholds,
-        "threshold_rule": {"tpr": monitor.spec.threshold.tpr, "on": "calibration ID boxes"},
+        "class_thresholds": monitor.class_thresholds,  # per predicted class tables (index: detector label)
+        # how the thresholds were set: method, target, the boxes, per-class counts and fallbacks
+        "threshold_rule": {**({"tpr": monitor.spec.threshold.tpr} if monitor.spec.threshold.method == "tpr" else {}),
+                           **monitor.calibration.get("threshold", {"on": "calibration ID boxes"})},
         "label_to_category": monitor.label_to_category,
         "scores": {name: {"kind": s.kind, "tap": s.tap, "params": monitor.scores[name].params(),
                           "feature_dim": monitor.scores[name].feature_dim}
@@ -179,4 +182,5 @@ def load_monitor(monitor_dir: Path, spec: Spec, detector_sha256: str, head=None)
     return Monitor(spec=spec, scores=scores, thresholds={k: float(v) for k, v in manifest["thresholds"].items()},
                    detector_threshold=float(manifest["detector_threshold"]),
                    label_to_category=[int(c) for c in manifest["label_to_category"]],
-                   detector_sha256=detector_sha256, calibration=manifest.get("calibration", {}))
+                   detector_sha256=detector_sha256, calibration=manifest.get("calibration", {}),
+                   class_thresholds={k: [float(x) for x in v] for k, v in (manifest.get("class_thresholds") or {}).items()})

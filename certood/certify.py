@@ -48,7 +48,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -56,7 +56,9 @@ from torch import Tensor, nn
 
 from certood.errors import CertoodError
 from certood.scores import Score
-from certood.spec.rule import Arith, Compare, Logic, Neg, Not, Num, ScoreRef, ThresholdRef
+from certood.spec.rule import (
+    Arith, ClassThresholdRef, Compare, Logic, Neg, Not, Num, ScoreRef, ThresholdRef, class_key,
+)
 
 VERDICTS = ("certified_ood", "certified_id", "undecided")
 # Tap points in forward order: a score reading an earlier tap than the certify tap is constant.
@@ -285,10 +287,25 @@ def _logit_rows(score: Score, dim: int) -> tuple[Tensor, Tensor]:
     return logit_rows(dim)
 
 
+_WHITENING: dict[int, tuple[Tensor, tuple[Tensor, Tensor]]] = {}
+
+
 def mahalanobis_whitening(score) -> tuple[Tensor, Tensor]:
     """``(L^T [r, D], offsets [C, r])`` with ``P = L L^T`` (eigen-factor, as
     ``mahalanobis_score`` computes it; null directions dropped) and offsets ``L^T mu_c`` for
-    the classes with finite means."""
+    the classes with finite means. Cached per precision tensor (an eigh per chunk is slow
+    for RoI-sized features)."""
+    cached = _WHITENING.get(id(score.precision))
+    if cached is not None and cached[0] is score.precision:
+        return cached[1]
+    if len(_WHITENING) > 64:
+        _WHITENING.clear()
+    result = _whitening(score)
+    _WHITENING[id(score.precision)] = (score.precision, result)
+    return result
+
+
+def _whitening(score) -> tuple[Tensor, Tensor]:
     precision = score.precision.double()
     w, v = torch.linalg.eigh(precision)
     factor = v * w.clamp(min=0).sqrt()
@@ -362,6 +379,14 @@ def _sanitize(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
             torch.where(torch.isnan(hi), torch.full_like(hi, math.inf), hi))
 
 
+def _threshold(node, thresholds: dict, n: int) -> Tensor:
+    """``t.NAME`` (a number) or ``t.NAME[class]`` (``thresholds[class_key(NAME)]``: a number or
+    one value per box, the table read at each box's predicted label) as ``[n]`` float64."""
+    key = node.name if isinstance(node, ThresholdRef) else class_key(node.name)
+    v = torch.as_tensor(thresholds[key], dtype=torch.float64)
+    return v.expand(n).clone() if v.dim() == 0 else v.reshape(n)
+
+
 def _interval(node, bounds: dict, thresholds: dict, n: int) -> tuple[Tensor, Tensor, Tensor]:
     """(lo, hi, division-by-zero-possible) of a number expression, per box."""
     f64 = torch.float64
@@ -369,8 +394,8 @@ def _interval(node, bounds: dict, thresholds: dict, n: int) -> tuple[Tensor, Ten
     if isinstance(node, Num):
         v = torch.full((n,), float(node.value), dtype=f64)
         return v, v, none
-    if isinstance(node, ThresholdRef):
-        v = torch.full((n,), float(thresholds[node.name]), dtype=f64)
+    if isinstance(node, (ThresholdRef, ClassThresholdRef)):
+        v = _threshold(node, thresholds, n)
         return v, v, none
     if isinstance(node, ScoreRef):
         lo, hi = bounds[node.name]
@@ -390,7 +415,8 @@ def _interval(node, bounds: dict, thresholds: dict, n: int) -> tuple[Tensor, Ten
         if node.op == "/":
             zero = (blo <= 0) & (bhi >= 0)
             z = z | zero
-            blo, bhi = 1 / torch.where(zero, torch.ones_like(bhi), bhi), 1 / torch.where(zero, torch.ones_like(blo), blo)
+            one = torch.ones_like(blo)
+            blo, bhi = 1 / torch.where(zero, one, bhi), 1 / torch.where(zero, one, blo)
         prods = torch.stack([alo * blo, alo * bhi, ahi * blo, ahi * bhi])
         prods_lo = torch.where(torch.isnan(prods), torch.full_like(prods, -math.inf), prods)
         prods_hi = torch.where(torch.isnan(prods), torch.full_like(prods, math.inf), prods)
@@ -469,8 +495,9 @@ def margin_at(tree, scores: dict[str, Tensor], thresholds: dict[str, float]) -> 
 def _value(node, scores, thresholds):
     if isinstance(node, Num):
         return torch.tensor(node.value, dtype=torch.float64)
-    if isinstance(node, ThresholdRef):
-        return torch.tensor(float(thresholds[node.name]), dtype=torch.float64)
+    if isinstance(node, (ThresholdRef, ClassThresholdRef)):
+        key = node.name if isinstance(node, ThresholdRef) else class_key(node.name)
+        return torch.as_tensor(thresholds[key], dtype=torch.float64)
     if isinstance(node, ScoreRef):
         return scores[node.name].double()
     if isinstance(node, Neg):
@@ -562,8 +589,13 @@ class Certifier:
     """
 
     def __init__(self, spec, scores: dict[str, Score], thresholds: dict[str, float], head: nn.Module,
-                 options, input_dim: int, backend: Callable | None = None):
+                 options, input_dim: int, backend: Callable | None = None,
+                 class_thresholds: dict[str, Any] | None = None):
         self.spec, self.scores, self.thresholds, self.options = spec, scores, thresholds, options
+        # per predicted class tables for t.NAME[class]: the label of a box is part of the
+        # detection (torchvision emits one box per class), so its threshold is a constant
+        self.class_thresholds = {k: torch.as_tensor(v, dtype=torch.float64).flatten()
+                                 for k, v in (class_thresholds or {}).items()}
         self.point = spec.taps[options.tap]
         if self.point not in CERTIFY_TAPS:
             raise CertoodError(f"certify.tap: expected a tap at {' or '.join(CERTIFY_TAPS)}, "
@@ -670,12 +702,26 @@ class Certifier:
             out[r.name] = pad_bounds(lo.double(), hi.double(), absolute=r.abs_pad)
         return out
 
-    def decide(self, bounds: dict[str, tuple[Tensor, Tensor]]) -> tuple[list[str], Tensor, list[str | None]]:
+    def box_thresholds(self, labels: Tensor | None, n: int) -> dict[str, Any]:
+        """Thresholds for ``n`` boxes: the global ones, and ``class_key(NAME)`` per box."""
+        out: dict[str, Any] = dict(self.thresholds)
+        used = getattr(self.spec.rule, "class_threshold_names", lambda: set())()
+        for name, table in self.class_thresholds.items():
+            if name not in used:
+                continue
+            if labels is None:
+                raise CertoodError(f"certify: the rule reads t.{name}[class]: pass each box's predicted label")
+            out[class_key(name)] = table[torch.as_tensor(labels).long().reshape(n)]
+        return out
+
+    def decide(self, bounds: dict[str, tuple[Tensor, Tensor]],
+               labels: Tensor | None = None) -> tuple[list[str], Tensor, list[str | None]]:
         """Verdicts, margins and reasons from score bounds (z3 for what intervals leave open
         when ``exact: z3``)."""
         rule = self.spec.rule
-        r = rule_under_bounds(rule.tree, bounds, self.thresholds)
-        n = r.may_true.shape[0]
+        n = next(iter(bounds.values()))[0].shape[0]
+        th = self.box_thresholds(labels, n)
+        r = rule_under_bounds(rule.tree, bounds, th)
         verdicts, reasons = [], []
         margins = torch.where(~r.may_false, r.margin_lo,
                               torch.where(~r.may_true, -r.margin_hi, torch.maximum(r.margin_lo, -r.margin_hi)))
@@ -694,7 +740,8 @@ class Certifier:
                 from certood.verifiers.z3_exact import decide_rule
 
                 box = {k: (float(lo[i]), float(hi[i])) for k, (lo, hi) in bounds.items()}
-                d = decide_rule(rule.tree, self.thresholds, box, self.options.timeout_s)
+                th_i = {k: float(v[i]) if isinstance(v, Tensor) and v.dim() else float(v) for k, v in th.items()}
+                d = decide_rule(rule.tree, th_i, box, self.options.timeout_s)
                 if d.status == "always":
                     verdict = "certified_ood"
                 elif d.status == "never":
@@ -712,15 +759,17 @@ class Certifier:
             reasons.append(reason)
         return verdicts, margins, reasons
 
-    def certify(self, z: Tensor, values: dict[str, Tensor], flags: Tensor) -> list[Certificate]:
-        """Certificates of the boxes whose features are the rows of ``z`` (one chunk)."""
+    def certify(self, z: Tensor, values: dict[str, Tensor], flags: Tensor,
+                labels: Tensor | None = None) -> list[Certificate]:
+        """Certificates of the boxes whose features are the rows of ``z`` (one chunk);
+        ``labels`` (predicted labels) only for rules with per-class thresholds."""
         start = time.perf_counter()
         z = z.flatten(1)
         self._check_domain(z)
         bounds = self.score_bounds(z, self.options.eps, values)
-        verdicts, margins, reasons = self.decide(bounds)
+        verdicts, margins, reasons = self.decide(bounds, labels)
         verdicts, reasons = self._self_check(verdicts, reasons, bounds, values, flags)
-        radii = self.radius(z, values, flags, verdicts) if self.options.radius else None
+        radii = self.radius(z, values, flags, verdicts, labels) if self.options.radius else None
         seconds = (time.perf_counter() - start) / max(1, z.shape[0])
         o = self.options
         return [Certificate(
@@ -756,7 +805,8 @@ class Certifier:
         return verdicts, reasons
 
     # -- radius
-    def holds(self, z: Tensor, values: dict[str, Tensor], flags: Tensor, eps: Tensor, target: list[str]) -> Tensor:
+    def holds(self, z: Tensor, values: dict[str, Tensor], flags: Tensor, eps: Tensor, target: list[str],
+              labels: Tensor | None = None) -> Tensor:
         """Whether each box's ``target`` verdict is certified at its own ``eps``."""
         out = torch.zeros(z.shape[0], dtype=torch.bool)
         if self.region.norm == math.inf:
@@ -767,13 +817,14 @@ class Certifier:
             sub = {k: v[idx] for k, v in values.items()}
             e_sub = e[idx] if isinstance(e, Tensor) else e
             bounds = self.score_bounds(z[idx], e_sub, sub)
-            verdicts, _, reasons = self.decide(bounds)
+            verdicts, _, reasons = self.decide(bounds, None if labels is None else labels[idx])
             verdicts, _ = self._self_check(verdicts, reasons, bounds, sub, flags[idx])
             for j, i in enumerate(idx.tolist()):
                 out[i] = verdicts[j] == target[i]
         return out
 
-    def radius(self, z: Tensor, values: dict[str, Tensor], flags: Tensor, verdicts: list[str]) -> Tensor:
+    def radius(self, z: Tensor, values: dict[str, Tensor], flags: Tensor, verdicts: list[str],
+               labels: Tensor | None = None) -> Tensor:
         """The largest eps found (doubling, then bisection) at which the box's verdict holds:
         its certified verdict, or for an undecided box the verdict of its own flag. 0 when
         none is found. Always an eps at which the verdict was proven (a sound radius)."""
@@ -792,7 +843,8 @@ class Certifier:
                 break
             e *= 2
             idx = active.nonzero().flatten()
-            ok = self._holds_at(z, values, flags, idx, torch.full((len(idx),), e, dtype=torch.float64), target)
+            ok = self._holds_at(z, values, flags, idx, torch.full((len(idx),), e, dtype=torch.float64), target,
+                                labels)
             lo[idx[ok]] = e
             hi[idx[~ok]] = e
         for _ in range(RADIUS_BISECT):
@@ -800,23 +852,25 @@ class Certifier:
             if not len(idx):
                 break
             mid = (lo[idx] + hi[idx]) / 2
-            ok = self._holds_at(z, values, flags, idx, mid, target)
+            ok = self._holds_at(z, values, flags, idx, mid, target, labels)
             lo[idx[ok]] = mid[ok]
             hi[idx[~ok]] = mid[~ok]
         return lo
 
-    def _holds_at(self, z, values, flags, idx, eps, target) -> Tensor:
+    def _holds_at(self, z, values, flags, idx, eps, target, labels=None) -> Tensor:
         sub = {k: v[idx] for k, v in values.items()}
-        return self.holds(z[idx], sub, flags[idx], eps, [target[i] for i in idx.tolist()])
+        return self.holds(z[idx], sub, flags[idx], eps, [target[i] for i in idx.tolist()],
+                          None if labels is None else labels[idx])
 
 
 def certify_boxes(monitor, head: nn.Module, features: Tensor, values: dict[str, Tensor], flags: Tensor,
                   options=None, progress=None, chunk: int = CHUNK_BOXES, backend: Callable | None = None,
-                  desc: str = "certify") -> CertifyResult:
+                  desc: str = "certify", labels: Tensor | None = None) -> CertifyResult:
     """Certificates for every box: ``features`` at the certify tap ``[N, D]``, the boxes'
     own score ``values`` and ``flags`` (from the monitor), chunks of ``chunk`` boxes.
 
-    ``options`` defaults to ``monitor.spec.certify``; ``backend`` to auto_LiRPA.
+    ``options`` defaults to ``monitor.spec.certify``; ``backend`` to auto_LiRPA; ``labels``
+    (predicted labels) are needed by rules with per-class thresholds.
     """
     options = options or monitor.spec.certify
     if options is None:
@@ -826,13 +880,14 @@ def certify_boxes(monitor, head: nn.Module, features: Tensor, values: dict[str, 
     certificates: list[Certificate] = []
     if len(features):
         certifier = Certifier(monitor.spec, monitor.scores, monitor.thresholds, head, options,
-                              features.shape[1], backend)
+                              features.shape[1], backend, getattr(monitor, "class_thresholds", None))
         starts: Any = range(0, len(features), chunk)
         if progress is not None:
             starts = progress(starts, len(starts), desc)
         for s in starts:
             sl = slice(s, s + chunk)
-            certificates += certifier.certify(features[sl], {k: v[sl] for k, v in values.items()}, flags[sl])
+            certificates += certifier.certify(features[sl], {k: v[sl] for k, v in values.items()}, flags[sl],
+                                              None if labels is None else labels[sl])
     return CertifyResult(certificates, features, time.perf_counter() - start)
 
 
@@ -855,7 +910,7 @@ def certify_detections(monitor, detector, dets, values: dict[str, Tensor], flags
                            "Monitor.tap_points)")
     head = certify_head(detector, point)
     return certify_boxes(monitor, head, dets.taps[point], values, flags, options, progress,
-                         desc=f"certify {dets.name}")
+                         desc=f"certify {dets.name}", labels=dets.labels)
 
 
 def certify_metrics(options, results: dict[str, CertifyResult],

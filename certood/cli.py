@@ -127,8 +127,12 @@ def _default_out(spec) -> Path:
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output directory (default: output.dir of the spec).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option("--save-features", is_flag=True,
+              help="Also write features.safetensors: every monitored box's tapped features and logits "
+                   "(keys <dataset>/<tap point>, <dataset>/box_index = line in boxes.jsonl).")
 @click.pass_context
-def check(ctx: click.Context, spec_path: Path, monitor_dir: Path | None, out: Path | None, fmt: str) -> None:
+def check(ctx: click.Context, spec_path: Path, monitor_dir: Path | None, out: Path | None, fmt: str,
+          save_features: bool) -> None:
     """Run the monitor over the spec's ID test and OOD sets; write boxes.jsonl, metrics.json, report.md."""
     def work():
         from certood import report
@@ -136,14 +140,39 @@ def check(ctx: click.Context, spec_path: Path, monitor_dir: Path | None, out: Pa
         from certood.spec import load_spec
 
         spec = load_spec(spec_path)
-        result = run_check(spec, out or _default_out(spec), monitor_dir, progress=_progress)
+        result = run_check(spec, out or _default_out(spec), monitor_dir, progress=_progress,
+                           save_features=save_features)
         if fmt == "json":
             click.echo(json.dumps(result.metrics, indent=2))
         else:
             click.echo(report.summary_text(result.metrics), nl=False)
             click.echo(f"outputs: {result.out_dir}/ (boxes.jsonl: {result.n_boxes} boxes, metrics.json, "
-                       "report.md)")
+                       "report.md, report.html, plots/)")
     _run(work, ctx.obj["debug"])
+
+
+@main.command()
+@click.argument("results_dir", metavar="RESULTS_DIR", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+def recheck(ctx: click.Context, results_dir: Path, fmt: str) -> None:
+    """Re-verify a check's certificates in float64 (own IBP, then CROWN; no auto_LiRPA).
+
+    \b
+    Exit codes: 0 every certificate re-verified, 1 a disagreement (a certificate
+    contradicted, or not re-proven), 2 usage error, 3 missing or unreadable results.
+    """
+    def work() -> int:
+        from certood.recheck import recheck as run_recheck, render_text
+
+        report = run_recheck(results_dir)
+        if fmt == "json":
+            click.echo(json.dumps(report.to_json(), indent=2))
+        else:
+            click.echo(render_text(report), nl=False)
+        return EXIT_OK if report.ok else EXIT_FAILED
+
+    sys.exit(_run(work, ctx.obj["debug"]))
 
 
 GATE_EXIT_CODES = """\b
@@ -246,14 +275,18 @@ def gate(ctx: click.Context, spec_path: Path, results_dir: Path, baseline_dir: P
               help="The calibrated monitor directory to export.")
 @click.option("--onnx", "onnx_path", required=True, type=click.Path(path_type=Path),
               help="The ONNX file to write: tapped features in, scores and flag out.")
+@click.option("--with-detector", is_flag=True,
+              help="Prepend the spec's ONNX detector (kind: onnx, layout two_stage): image in, "
+                   "detections with their scores and flag out.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @click.pass_context
-def export(ctx: click.Context, spec_path: Path, monitor_dir: Path, onnx_path: Path, fmt: str) -> None:
+def export(ctx: click.Context, spec_path: Path, monitor_dir: Path, onnx_path: Path, with_detector: bool,
+           fmt: str) -> None:
     """Export a calibrated monitor as one ONNX graph (energy, max_logit, msp, mahalanobis scores)."""
     def work():
         from certood.artifacts import load_monitor, read_manifest
         from certood.check import load_spec_detector
-        from certood.export import check_exportable, export_monitor_onnx
+        from certood.export import check_exportable, export_detector_monitor_onnx, export_monitor_onnx
         from certood.spec import load_spec
 
         spec = load_spec(spec_path)
@@ -261,7 +294,10 @@ def export(ctx: click.Context, spec_path: Path, monitor_dir: Path, onnx_path: Pa
         detector = load_spec_detector(spec)
         monitor = load_monitor(monitor_dir, spec, detector.weights_sha256)
         check_exportable(monitor)
-        result = export_monitor_onnx(monitor, onnx_path)
+        if with_detector:
+            result = export_detector_monitor_onnx(detector, monitor, onnx_path)
+        else:
+            result = export_monitor_onnx(monitor, onnx_path)
         if fmt == "json":
             click.echo(json.dumps({"path": str(result.path), "inputs": result.inputs,
                                    "outputs": result.outputs, "metadata": result.metadata}, indent=2))

@@ -33,8 +33,9 @@ import numpy as np
 from certood.errors import CertoodError, DataError
 
 __all__ = [
-    "auroc", "aupr_in", "aupr_out", "fpr_at_tpr", "ood_metrics", "bootstrap_ci",
+    "auroc", "aupr_in", "aupr_out", "fpr_at_tpr", "ood_metrics", "bootstrap_ci", "bootstrap_diff_ci",
     "box_iou", "match_detections", "match_to_any_class", "f1_optimal_threshold", "coco_map",
+    "GT_MATCH", "gt_match_status", "gt_matched_metrics",
 ]
 
 FPR_CONVENTIONS = ("nearest", "first")
@@ -209,35 +210,67 @@ def bootstrap_ci(id_scores: Any, ood_scores: Any, id_groups: Any, ood_groups: An
     >>> 0 <= lo <= hi <= 1
     True
     """
+    s_id, s_ood = _scores(id_scores, ood_scores)
+    stats = _bootstrap_stats([(s_id, s_ood)], id_groups, ood_groups, metric, n_boot, level, seed)
+    lo, hi = np.quantile(stats[:, 0], [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def bootstrap_diff_ci(id_a: Any, ood_a: Any, id_b: Any, ood_b: Any, id_groups: Any, ood_groups: Any,
+                      metric: str = "auroc", n_boot: int = 1000, level: float = 0.95,
+                      seed: int = 0) -> tuple[float, float]:
+    """Paired percentile bootstrap interval of ``metric(a) - metric(b)``: two scores of the
+    same boxes, each replicate drawing the same images for both (as :func:`bootstrap_ci`, whose
+    replicates it reproduces for the same ``seed``). An interval above 0 says score ``a`` has
+    the higher metric beyond resampling noise; it is narrower than comparing two separate
+    intervals, because image difficulty is shared.
+
+    >>> lo, hi = bootstrap_diff_ci([.1, .2, .3], [.9, .8], [.3, .2, .1], [.15, .25],
+    ...                            [0, 1, 2], [3, 4], n_boot=200)
+    >>> 0 <= lo <= hi <= 1
+    True
+    """
+    pairs = [_scores(id_a, ood_a), _scores(id_b, ood_b)]
+    if len(pairs[0][0]) != len(pairs[1][0]) or len(pairs[0][1]) != len(pairs[1][1]):
+        raise CertoodError(f"bootstrap_diff_ci: expected two scores of the same boxes, found "
+                           f"{len(pairs[0][0])}/{len(pairs[0][1])} and {len(pairs[1][0])}/{len(pairs[1][1])} "
+                           "ID/OOD boxes")
+    stats = _bootstrap_stats(pairs, id_groups, ood_groups, metric, n_boot, level, seed)
+    lo, hi = np.quantile(stats[:, 0] - stats[:, 1], [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def _bootstrap_stats(pairs: list[tuple[np.ndarray, np.ndarray]], id_groups: Any, ood_groups: Any,
+                     metric: str, n_boot: int, level: float, seed: int) -> np.ndarray:
+    """``[replicates, len(pairs)]``: ``metric`` of each (ID, OOD) score pair on the same draws."""
     if metric not in _METRICS:
         raise CertoodError(f"metric: expected one of {', '.join(_METRICS)}, found {metric!r}")
     if not (isinstance(n_boot, int) and n_boot >= 1):
         raise CertoodError(f"n_boot: expected a positive integer, found {n_boot!r}")
     if not (isinstance(level, numbers.Real) and 0 < level < 1):
         raise CertoodError(f"level: expected a number in (0, 1), found {level!r}")
-    s_id, s_ood = _scores(id_scores, ood_scores)
+    n_id, n_ood = len(pairs[0][0]), len(pairs[0][1])
     g_id, g_ood = (np.asarray(g.detach().cpu() if hasattr(g, "detach") else g).reshape(-1)
                    for g in (id_groups, ood_groups))
-    _same_length(len(s_id), "ID score", g_id, "id_groups")
-    _same_length(len(s_ood), "OOD score", g_ood, "ood_groups")
+    _same_length(n_id, "ID score", g_id, "id_groups")
+    _same_length(n_ood, "OOD score", g_ood, "ood_groups")
     try:
         uniq, inv = np.unique(np.concatenate([g_id, g_ood]), return_inverse=True)
     except TypeError as e:
         raise CertoodError(f"id_groups/ood_groups: expected comparable ids of one type, "
                            f"found mixed ids ({e})") from None
-    inv_id, inv_ood = inv[: len(s_id)], inv[len(s_id):]
+    inv_id, inv_ood = inv[:n_id], inv[n_id:]
     rng = np.random.default_rng(seed)
     fn, stats = _METRICS[metric], []
     for _ in range(n_boot):
         counts = np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq))
         w_id, w_ood = counts[inv_id], counts[inv_ood]
         if w_id.sum() and w_ood.sum():
-            stats.append(fn(np.repeat(s_id, w_id), np.repeat(s_ood, w_ood)))
+            stats.append([fn(np.repeat(s_id, w_id), np.repeat(s_ood, w_ood)) for s_id, s_ood in pairs])
     if len(stats) < max(1, n_boot // 2):
         raise CertoodError(f"bootstrap: expected most replicates to hold both ID and OOD boxes, "
                            f"found {len(stats)} of {n_boot} ({len(uniq)} groups)")
-    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+    return np.asarray(stats, dtype=np.float64)
 
 
 # --------------------------------------------------------------------------- matching
@@ -313,6 +346,63 @@ def match_to_any_class(pred_boxes: Any, gt_boxes: Any, gt_labels: Any,
         ok = ious[np.arange(len(pb)), best] >= iou
         out[ok] = gl[best[ok]]
     return out
+
+
+# --------------------------------------------------------------------------- GT-matched protocol
+# Per-box status under the ground-truth-matched protocol (gt_match_status's codes).
+GT_MATCH = {"unmatched": 0, "id": 1, "ood": 2}
+
+
+def gt_match_status(pred_boxes: Any, gt_boxes: Any, gt_known: Any, iou: float = 0.5) -> np.ndarray:
+    """Status of each detection under the ground-truth-matched protocol, as ``GT_MATCH`` codes.
+
+    A detection takes the ground-truth object it overlaps most (any class, known or not). With
+    IoU >= ``iou`` it is **ID** (code 1) if that object's category is one of the ID categories
+    (``gt_known`` True), **OOD** (code 2) if it is an unknown-class object; below ``iou`` it
+    is **unmatched** (code 0: background or a poorly localised box), which the protocol leaves
+    out of the OOD metrics and only counts. Not one-to-one: every box the detector puts on an
+    object counts, as in the box-level protocol (a detector may put several labels on one
+    object). Ties in IoU go to the lowest-index object.
+
+    >>> gt_match_status([[0, 0, 2, 2], [5, 5, 7, 7], [9, 9, 10, 10]],
+    ...                 [[0, 0, 2, 2], [5, 5, 7, 8]], [True, False]).tolist()
+    [1, 2, 0]
+    """
+    iou = _check_fraction(iou, "iou", lo_open=False)
+    pb, gb = _boxes(pred_boxes, "pred_boxes"), _boxes(gt_boxes, "gt_boxes")
+    known = _as_array(gt_known, "gt_known", dtype=bool)
+    _same_length(len(gb), "gt box", known, "gt_known")
+    out = np.full(len(pb), GT_MATCH["unmatched"], dtype=np.int64)
+    if len(gb) and len(pb):
+        ious = box_iou(pb, gb)
+        best = ious.argmax(axis=1)
+        ok = ious[np.arange(len(pb)), best] >= iou
+        out[ok] = np.where(known[best[ok]], GT_MATCH["id"], GT_MATCH["ood"])
+    return out
+
+
+def gt_matched_metrics(scores: Any, status: Any) -> dict[str, Any]:
+    """OOD metrics of one data set under the ground-truth-matched protocol.
+
+    ID boxes are those matched to an ID object, OOD boxes those matched to an unknown-class
+    object (``status`` from :func:`gt_match_status`); unmatched boxes are only counted. The
+    metrics (as :func:`ood_metrics`) are ``None`` when either side has no box.
+
+    >>> m = gt_matched_metrics([0.1, 0.9, 0.5, 0.2], [1, 2, 0, 1])
+    >>> m["counts"], m["metrics"]["auroc"]
+    ({'id_matched': 2, 'ood_matched': 1, 'unmatched': 1}, 1.0)
+    """
+    s = _as_array(scores, "scores")
+    st = _as_array(status, "status", dtype=np.int64)
+    _same_length(len(s), "score", st, "status")
+    bad = ~np.isin(st, list(GT_MATCH.values()))
+    if bad.any():
+        raise CertoodError(f"status: expected codes {GT_MATCH}, found {sorted(set(st[bad].tolist()))[:5]}")
+    is_id, is_ood = st == GT_MATCH["id"], st == GT_MATCH["ood"]
+    counts = {"id_matched": int(is_id.sum()), "ood_matched": int(is_ood.sum()),
+              "unmatched": int((st == GT_MATCH["unmatched"]).sum())}
+    metrics = ood_metrics(s[is_id], s[is_ood]) if is_id.any() and is_ood.any() else None
+    return {"counts": counts, "metrics": metrics}
 
 
 def f1_optimal_threshold(det_scores: Any, is_tp: Any, n_gt: int) -> float:

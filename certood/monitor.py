@@ -7,7 +7,9 @@
 2. each score is fitted on ID boxes of the ``fit`` set (default: the calibration set),
    labelled by their best-overlapping ground-truth object (IoU >= 0.5);
 3. each score's threshold is its ``tpr`` quantile on the calibration ID boxes, so that a
-   fraction ``tpr`` of ID boxes is below it (flag = score > threshold);
+   fraction ``tpr`` of ID boxes is below it (flag = score > threshold); or set at an OOD
+   ``fpr`` on an OOD validation set, or fixed; with ``per_class``, also one per predicted
+   class (:mod:`certood.thresholds`);
 4. with a ``temporal`` block, the track-level thresholds are set on the calibration videos
    (:func:`certood.temporal.calibrate_temporal`).
 
@@ -23,9 +25,11 @@ import torch
 from certood.data.coco import CocoDataset
 from certood.errors import CertoodError, DataError
 from certood.extract import DatasetDetections, Detector, ProgressFactory, extract_detections
-from certood.metrics import f1_optimal_threshold, match_detections, match_to_any_class
+from certood.metrics import f1_optimal_threshold, gt_match_status, match_detections, match_to_any_class
 from certood.scores import Score, build_score
-from certood.spec import TAP_POINTS, Spec
+from certood.spec import TAP_POINTS, Spec, class_key
+from certood.spec.model import MIN_CLASS_BOXES
+from certood.thresholds import compute_thresholds
 
 
 @dataclass
@@ -39,6 +43,8 @@ class Monitor:
     label_to_category: list[int]  # detector label l (1-based) -> category id label_to_category[l-1]
     detector_sha256: str
     calibration: dict = field(default_factory=dict)  # box counts and dataset names, for reports
+    # per predicted class thresholds (threshold.per_class): score -> table indexed by detector label
+    class_thresholds: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def tap_points(self) -> set[str]:
@@ -53,9 +59,11 @@ class Monitor:
         return {name: self.scores[name].score(score_input(self.spec, name, dets))
                 for name in self.spec.scores}
 
-    def flag(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The rule's verdict per box (True = flagged as OOD)."""
-        return self.spec.rule.evaluate(values, self.thresholds)
+    def flag(self, values: dict[str, torch.Tensor], labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The rule's verdict per box (True = flagged as OOD); ``labels``, each box's predicted
+        label, is needed by rules with per-class thresholds (``t.NAME[class]``)."""
+        thresholds = {**self.thresholds, **{class_key(k): v for k, v in self.class_thresholds.items()}}
+        return self.spec.rule.evaluate(values, thresholds, labels)
 
 
 def score_input(spec: Spec, score_name: str, dets: DatasetDetections) -> torch.Tensor:
@@ -119,6 +127,22 @@ def match_dataset(dets: DatasetDetections, dataset: CocoDataset, label_to_catego
     return out
 
 
+def gt_match_dataset(dets: DatasetDetections, dataset: CocoDataset, label_to_category: list[int],
+                     iou: float = 0.5) -> torch.Tensor:
+    """Per box, its status under the ground-truth-matched protocol (``metrics.GT_MATCH`` codes):
+    ID when its best-overlapping object (IoU >= ``iou``) has an ID category, OOD when that
+    object's category is not an ID one (e.g. DigitsDet's ``unknown``), else unmatched."""
+    known_categories = set(label_to_category)
+    out = torch.zeros(len(dets), dtype=torch.long)
+    records = {r.image_id: r for r in dataset.records}
+    for image_id in dets.image_ids.unique().tolist():
+        rows = torch.nonzero(dets.image_ids == image_id).flatten()
+        r = records[image_id]
+        known = [int(c) in known_categories for c in r.gt_categories.tolist()]
+        out[rows] = torch.from_numpy(gt_match_status(dets.boxes[rows], r.gt_boxes, known, iou))
+    return out
+
+
 def count_known_gt(dataset: CocoDataset, label_to_category: list[int]) -> int:
     known = set(label_to_category)
     return sum(int(c) in known for r in dataset.records for c in r.gt_categories.tolist())
@@ -169,29 +193,45 @@ def calibrate(spec: Spec, detector: Detector, num_classes: int,
     if len(fit) == 0:
         raise DataError("fit set: no detection overlaps a ground-truth object; cannot fit scores")
 
-    scores, thresholds, cal_values = {}, {}, {}
+    scores, cal_values = {}, {}
     for name, s in spec.scores.items():
         score = build_score(s.kind, s.params)
         extras = detector_extras(score, detector)
         if score.needs_fit or extras:
             score.fit(score_input(spec, name, fit), fit_labels, **extras)
         values = score.score(score_input(spec, name, cal))
-        # "higher": at least a fraction tpr of calibration boxes is <= the threshold, never fewer
-        thresholds[name] = float(torch.quantile(values.double(), spec.threshold.tpr, interpolation="higher"))
         scores[name] = score
         cal_values[name] = values
+    set_on = set_thresholds(spec, detector, scores, cal, cal_values, det_threshold, taps, progress)
+    thresholds = compute_thresholds(spec.threshold, set_on[0], set_on[1], len(label_to_category) + 1,
+                                    MIN_CLASS_BOXES, spec.threshold.on or "calibration")
     monitor = Monitor(
-        spec=spec, scores=scores, thresholds=thresholds, detector_threshold=float(det_threshold),
+        spec=spec, scores=scores, thresholds=thresholds.values, detector_threshold=float(det_threshold),
         label_to_category=label_to_category, detector_sha256=detector.weights_sha256,
         calibration={"calibration_boxes": len(cal), "calibration_images": cal.n_images,
                      "fit_boxes": len(fit), "fit_images": fit.n_images,
-                     "calibration_issues": list(cal_set.issues)})
+                     "calibration_issues": list(cal_set.issues), "threshold": thresholds.record},
+        class_thresholds=thresholds.per_class)
     if spec.temporal is not None:  # track thresholds, on the calibration videos
         from certood.temporal import calibrate_temporal
 
         monitor.calibration["temporal"] = calibrate_temporal(
             spec.temporal, cal, cal_set, cal_values, label_to_category, spec.threshold.tpr)
     return monitor, {"calibration": cal}
+
+
+def set_thresholds(spec: Spec, detector: Detector, scores: dict[str, Score], cal: DatasetDetections,
+                   cal_values: dict[str, torch.Tensor], det_threshold: float, taps: set[str],
+                   progress: ProgressFactory | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The scores and predicted labels of the boxes thresholds are set on: the calibration ID
+    boxes, or for ``threshold: {fpr, on}`` the monitored boxes of that OOD validation set."""
+    if spec.threshold.method != "fpr":
+        return cal_values, cal.labels
+    name = spec.threshold.on
+    dataset = load_dataset(spec.data.ood_validation[name], f"ood_validation/{name}")
+    dets = extract_detections(detector, dataset, taps, progress=progress)
+    dets = dets.select(dets.det_scores >= det_threshold)
+    return {k: score.score(score_input(spec, k, dets)) for k, score in scores.items()}, dets.labels
 
 
 def check_compatible(monitor: Monitor, spec: Spec, detector: Detector) -> None:

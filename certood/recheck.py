@@ -64,6 +64,8 @@ def certify_features_blob(monitor, head: nn.Module, options, features: dict[int,
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "detector_sha256": detector_sha256,
         "taps": dict(spec.taps), "rule": spec.rule.source, "thresholds": dict(monitor.thresholds),
+        "class_thresholds": {k: [float(x) for x in v]
+                             for k, v in (getattr(monitor, "class_thresholds", None) or {}).items()},
         "scores": {n: {"kind": s.kind, "tap": s.tap, "params": monitor.scores[n].params()}
                    for n, s in spec.scores.items()},
         "certify": asdict(options), "head_layers": kinds if layers is not None else None,
@@ -211,7 +213,9 @@ def recheck(results_dir: str | Path, methods: tuple[str, ...] = ("ibp", "crown")
                                            detail=f"no stored feature box/{i}"))
         return report
     dim = tensors[some].numel()
-    certifiers = {m: Certifier(spec, scores, thresholds, head, options, dim, reference_backend(m)) for m in methods}
+    class_thresholds = meta.get("class_thresholds") or {}
+    certifiers = {m: Certifier(spec, scores, thresholds, head, options, dim, reference_backend(m), class_thresholds)
+                  for m in methods}
     any_certifier = certifiers[methods[0]]
     for i, r in certified:
         cert = r["certificate"]
@@ -225,19 +229,22 @@ def recheck(results_dir: str | Path, methods: tuple[str, ...] = ("ibp", "crown")
         stored_scores = r.get("scores", {})
         values = {n: torch.tensor([float(stored_scores.get(n, math.nan))], dtype=torch.float64) for n in spec.scores}
         flags = torch.tensor([bool(r.get("flag"))])
-        problems = _consistency(any_certifier, spec, scores, head, point, z, cert, stored_scores)
+        labels = torch.tensor([int(r.get("label", 0))])
+        problems = _consistency(any_certifier, spec, scores, head, point, z, cert, stored_scores, labels)
         by = None
         fresh: dict[str, tuple[float, float]] = {}
         for m in methods:
-            ok, bounds = _proves(certifiers[m], z, values, flags, float(cert["eps"]), verdict)
+            ok, bounds = _proves(certifiers[m], z, values, flags, float(cert["eps"]), verdict, labels)
             fresh = bounds
             if ok:
                 by = m
                 break
         problems += _overlap(cert, fresh)
-        why = f"float64 {'/'.join(methods)} bounds too loose to re-prove {verdict} (certified with {cert.get('method')})"
+        why = (f"float64 {'/'.join(methods)} bounds too loose to re-prove {verdict} "
+               f"(certified with {cert.get('method')})")
         if by is not None and cert.get("radius"):
-            if not any(_proves(certifiers[m], z, values, flags, float(cert["radius"]), verdict)[0] for m in methods):
+            if not any(_proves(certifiers[m], z, values, flags, float(cert["radius"]), verdict, labels)[0]
+                       for m in methods):
                 by, why = None, f"radius {cert['radius']:.6g} not re-proven by float64 {'/'.join(methods)}"
         if problems:
             report.boxes.append(BoxRecheck(i, r.get("dataset", ""), verdict, "contradicted", by, "; ".join(problems)))
@@ -248,9 +255,9 @@ def recheck(results_dir: str | Path, methods: tuple[str, ...] = ("ibp", "crown")
     return report
 
 
-def _proves(certifier, z, values, flags, eps: float, verdict: str) -> tuple[bool, dict]:
+def _proves(certifier, z, values, flags, eps: float, verdict: str, labels) -> tuple[bool, dict]:
     bounds = certifier.score_bounds(z, eps, values)
-    verdicts, _, reasons = certifier.decide(bounds)
+    verdicts, _, reasons = certifier.decide(bounds, labels)
     verdicts, _ = certifier._self_check(verdicts, reasons, bounds, values, flags)
     return verdicts[0] == verdict, {k: (float(lo[0]), float(hi[0])) for k, (lo, hi) in bounds.items()}
 
@@ -262,7 +269,7 @@ def _stored_bounds(cert: dict) -> dict[str, tuple[float, float]]:
     return out
 
 
-def _consistency(certifier, spec, scores, head, point, z, cert, stored_scores) -> list[str]:
+def _consistency(certifier, spec, scores, head, point, z, cert, stored_scores, labels) -> list[str]:
     problems = []
     stored = _stored_bounds(cert)
     missing = sorted(set(spec.scores) - set(stored))
@@ -270,7 +277,7 @@ def _consistency(certifier, spec, scores, head, point, z, cert, stored_scores) -
         return [f"no stored bounds for {', '.join(missing)}"]
     bounds = {k: (torch.tensor([lo], dtype=torch.float64), torch.tensor([hi], dtype=torch.float64))
               for k, (lo, hi) in stored.items()}
-    verdicts, _, _ = certifier.decide(bounds)
+    verdicts, _, _ = certifier.decide(bounds, labels)
     if verdicts[0] != cert["verdict"]:
         problems.append(f"the stored bounds give {verdicts[0]}, not {cert['verdict']}")
     own = _point_scores(spec, scores, head, point, z, stored_scores)

@@ -16,7 +16,9 @@ for as long as it is in view. This module
    frame-level numbers, track-level AUROC / FPR95, detection delay and false alarms per
    1,000 ID frames (:func:`temporal_check`, called by ``certood check``).
 
-Scores keep certood's convention: higher = more OOD; an aggregate is too.
+Scores keep certood's convention: higher = more OOD; an aggregate is too. A box's track flag
+is the spec's rule evaluated on the aggregates against the track thresholds (with ``cusum``,
+numbers written in the rule compare with CUSUM statistics, not raw scores).
 
 >>> ids = assign_tracks(torch.tensor([1, 1, 1]), torch.tensor([0, 1, 2]),
 ...                     torch.tensor([[0., 0, 10, 10], [1, 0, 11, 10], [2, 0, 12, 10]]))
@@ -69,8 +71,10 @@ class IouTracker:
     Association ignores class labels: an unknown object's label often flips.
 
     >>> t = IouTracker(iou=0.3, max_age=1)
-    >>> t.update(0, torch.tensor([[0., 0, 10, 10]])).tolist(), t.update(2, torch.tensor([[1., 0, 11, 10]])).tolist()
-    ([0], [0])
+    >>> t.update(0, torch.tensor([[0., 0, 10, 10]])).tolist()
+    [0]
+    >>> t.update(2, torch.tensor([[1., 0, 11, 10]])).tolist()  # missed 1 frame: continues
+    [0]
     >>> t.update(5, torch.tensor([[1., 0, 11, 10]])).tolist()  # missed 2 frames > max_age: new track
     [1]
     """
@@ -249,7 +253,8 @@ def aggregate_scores(values: Tensor, track_ids: Tensor, frame_ids: Tensor, metho
 
     ``cusum`` first standardises with the ID ``mean`` and ``std`` of the score.
 
-    >>> aggregate_scores(torch.tensor([1.0, 3.0]), torch.tensor([0, 0]), torch.tensor([0, 1]), "mean").tolist()
+    >>> t = torch.tensor
+    >>> aggregate_scores(t([1.0, 3.0]), t([0, 0]), t([0, 1]), "mean").tolist()
     [1.0, 2.0]
     """
     if method == "mean":
@@ -451,7 +456,8 @@ def calibrate_temporal(temporal, dets, dataset, values: dict[str, Tensor], label
             "quantile": quantile, "n_boxes": len(dets), "n_tracks": tb.n_tracks, "n_frames": tb.n_frames}
 
 
-def aggregate_all(temporal, calibration: dict, values: dict[str, Tensor], tb: TrackedBoxes) -> dict[str, Tensor]:
+def aggregate_all(temporal, calibration: dict, values: dict[str, Tensor],
+                  tb: TrackedBoxes) -> dict[str, Tensor]:
     """Every score's track-level aggregate at every box of ``tb``."""
     return {name: aggregate_scores(v, tb.track_ids, tb.frame_ids, temporal.aggregate, **_params(temporal),
                                    **calibration["standardize"][name])
@@ -527,7 +533,8 @@ def temporal_check(spec, monitor, per_set: dict[str, dict], lines: list[str]) ->
     id_part = parts.get("id_test")
     if id_part is not None:
         section["id_test"] = {
-            "n_frames": id_part["tb"].n_frames, "n_boxes": len(id_part["dets"]), "n_tracks": id_part["tb"].n_tracks,
+            "n_frames": id_part["tb"].n_frames, "n_boxes": len(id_part["dets"]),
+            "n_tracks": id_part["tb"].n_tracks,
             "false_alarms_per_1000_frames": {
                 level: {k: false_alarms_per_1000(f, id_part["tb"].n_frames) for k, f in fl(id_part).items()}
                 for level, fl in (("frame", frame_flags), ("track", track_flags))},
@@ -577,7 +584,9 @@ def _count_tracks(tb: TrackedBoxes, label: int) -> int:
 
 def _peaks(agg: Tensor, tb: TrackedBoxes, label: int) -> Tensor:
     keep = tb.track_unknown == label
-    return track_peaks(agg[keep], tb.track_ids[keep])[1] if bool(keep.any()) else torch.zeros(0, dtype=torch.float64)
+    if not bool(keep.any()):
+        return torch.zeros(0, dtype=torch.float64)
+    return track_peaks(agg[keep], tb.track_ids[keep])[1]
 
 
 def temporal_report_lines(section: dict) -> list[str]:
@@ -592,9 +601,10 @@ def temporal_report_lines(section: dict) -> list[str]:
     id_test = section.get("id_test")
     if id_test:
         fa = id_test["false_alarms_per_1000_frames"]
-        lines += [f"False alarms per 1,000 ID frames ({id_test['n_frames']} frames, {id_test['n_tracks']} tracks): "
-                  + ", ".join(f"{k} {f(fa['frame'].get(k), 1)} per frame -> {f(fa['track'].get(k), 1)} per track"
-                              for k in fa["frame"]), ""]
+        lines += [f"False alarms per 1,000 ID frames ({id_test['n_frames']} frames, "
+                  f"{id_test['n_tracks']} tracks): "
+                  + ", ".join(f"{k} {f(fa['frame'].get(k), 1)} per frame -> "
+                              f"{f(fa['track'].get(k), 1)} per track" for k in fa["frame"]), ""]
     if section["ood"]:
         lines += ["| OOD set | score | box AUROC frame | box AUROC track | track AUROC | box FPR95 frame | "
                   "box FPR95 track | track FPR95 | caught frame / track | mean delay frame / track |",
@@ -603,7 +613,8 @@ def temporal_report_lines(section: dict) -> list[str]:
         for score, m in entry["scores"].items():
             fr, tb, tr = m["frame"], m["track_box"], m["track"]
             df, dt = entry["delay"]["frame"][score], entry["delay"]["track"][score]
-            lines.append(f"| {name} | {score} | {f(fr.get('auroc'))} | {f(tb.get('auroc'))} | {f(tr.get('auroc'))} | "
+            lines.append(f"| {name} | {score} | {f(fr.get('auroc'))} | {f(tb.get('auroc'))} | "
+                         f"{f(tr.get('auroc'))} | "
                          f"{f(fr.get('fpr95'))} | {f(tb.get('fpr95'))} | {f(tr.get('fpr95'))} | "
                          f"{f(df['detected_rate'], 2)} / {f(dt['detected_rate'], 2)} | "
                          f"{f(df['mean'], 2)} / {f(dt['mean'], 2)} |")

@@ -56,7 +56,9 @@ def test_saved_monitor_is_json_and_safetensors_only(calibrated, saved):
     assert manifest["thresholds"] == monitor.thresholds
     assert manifest["threshold_rule"]["tpr"] == 0.95
     assert manifest["scores"]["maha"] == {"kind": "mahalanobis", "tap": "penultimate",
-                                          "params": {"num_classes": None}}
+                                          "params": {"num_classes": None},
+                                          "feature_dim": monitor.scores["maha"].feature_dim}
+    assert manifest["scores"]["maha"]["feature_dim"] == 256
     from safetensors.torch import load_file
 
     tensors = load_file(str(saved / "scores.safetensors"))

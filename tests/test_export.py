@@ -183,3 +183,25 @@ def test_cli_export_of_a_non_exportable_score_exits_2(tmp_path, random_weights):
     assert code == 2 and stdout == ""
     assert "ent (entropy)" in stderr and "energy, max_logit, msp, mahalanobis" in stderr
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_export_with_detector_needs_an_onnx_two_stage_detector(tmp_path, random_weights):
+    spec_path, _ = _saved_monitor(tmp_path, random_weights)
+    code, stdout, stderr = _cli("export", str(spec_path), "--monitor", str(tmp_path / "monitor"),
+                                "--onnx", str(tmp_path / "m.onnx"), "--with-detector")
+    assert code == 2 and stdout == "" and "two_stage" in stderr
+
+
+def test_per_class_thresholds_take_the_labels_as_an_input(tmp_path):
+    monitor = make_monitor("  energy: {tap: logits}\n  maha: {kind: mahalanobis, tap: penultimate}\n",
+                           "energy > t.energy[class] or maha > t.maha")
+    g = torch.Generator().manual_seed(5)
+    monitor.class_thresholds["energy"] = (torch.randn(6, generator=g) - 4).tolist()  # indexed by label 0..5
+    result = export_monitor_onnx(monitor, tmp_path / "m.onnx")
+    assert "labels" in [i.name for i in onnx.load(str(result.path)).graph.input]
+    features = _features(120, 6)
+    labels = torch.randint(1, 6, (120,), generator=g)
+    expected = monitor.score_boxes(_dets(features))
+    flags = monitor.flag(expected, labels)
+    got = run_monitor_onnx(result.path, {**features, "labels": labels})
+    assert torch.equal(got["flag"], flags) and 0 < int(flags.sum()) < 120

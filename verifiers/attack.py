@@ -143,13 +143,25 @@ class _Scorer:
 def attack_certificates(spec, scores: dict, thresholds: dict[str, float], head: nn.Module, point: str,
                         z: Tensor, verdicts: list[str], values: dict[str, Tensor], eps: float,
                         norm: float = math.inf, nonnegative: bool = True, n_samples: int = 500,
-                        steps: int = 50, restarts: int = 2, seed: int = 0, chunk: int = 8) -> AttackResult:
+                        steps: int = 50, restarts: int = 2, seed: int = 0, chunk: int = 8,
+                        labels: Tensor | None = None, class_thresholds: dict | None = None) -> AttackResult:
     """Look for points of R(z) whose flag contradicts each certified verdict.
 
     ``z`` [N, D] features at tap point ``point``, ``verdicts`` per box (undecided boxes are
-    skipped), ``values`` the boxes' own scores (for scores read before the tap).
+    skipped), ``values`` the boxes' own scores (for scores read before the tap); ``labels``
+    and ``class_thresholds`` (name -> per-label table) for rules with ``t.NAME[class]``.
     """
     from certood.certify import margin_at
+    from certood.spec.rule import class_key
+
+    tables = {class_key(k): torch.as_tensor(v, dtype=torch.float64).flatten()
+              for k, v in (class_thresholds or {}).items()}
+    all_labels = labels if labels is not None else torch.zeros(len(verdicts), dtype=torch.long)
+
+    def per_point(box: Tensor) -> tuple[dict, dict, Tensor]:
+        """(thresholds for Rule.evaluate, per point thresholds for margin_at, labels)."""
+        lab = all_labels[box].long()
+        return ({**thresholds, **tables}, {**thresholds, **{k: t[lab] for k, t in tables.items()}}, lab)
 
     gen = torch.Generator().manual_seed(seed)
     result = AttackResult()
@@ -165,10 +177,11 @@ def attack_certificates(spec, scores: dict, thresholds: dict[str, float], head: 
         result.n_boxes += len(idx)
 
         def check(x: Tensor, box_rows: Tensor) -> None:
+            th_eval, th_point, lab = per_point(idx[box_rows])
             with torch.no_grad():
                 vals = scorer(x, idx[box_rows], differentiable=False)
-                flags = rule.evaluate(vals, thresholds)
-                margin = margin_at(rule.tree, vals, thresholds)
+                flags = rule.evaluate(vals, th_eval, lab)
+                margin = margin_at(rule.tree, vals, th_point)
             result.n_points += x.shape[0]
             bad = flags != want_flag[box_rows]
             for j in bad.nonzero().flatten().tolist():
@@ -186,11 +199,12 @@ def attack_certificates(spec, scores: dict, thresholds: dict[str, float], head: 
         rows = torch.arange(len(idx)).repeat(restarts)
         x = sample_region(zr, eps, norm, nonnegative, 1, gen).squeeze(1)
         step = 2.5 * eps / steps
+        th_point = per_point(idx[rows])[1]
         for _ in range(steps):
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
                 vals = scorer(x, idx[rows], differentiable=True)
-                objective = (sign.double() * margin_at(rule.tree, vals, thresholds)).sum()
+                objective = (sign.double() * margin_at(rule.tree, vals, th_point)).sum()
                 grad, = torch.autograd.grad(objective, x, allow_unused=True)
             if grad is None:
                 break

@@ -30,7 +30,9 @@ import torch
 from torch import Tensor
 
 from certood.errors import CertoodError
-from certood.spec.rule import Arith, Compare, Logic, Neg, Not, Num, ScoreRef, ThresholdRef
+from certood.spec.rule import (
+    Arith, ClassThresholdRef, Compare, Logic, Neg, Not, Num, ScoreRef, ThresholdRef, class_key,
+)
 
 __all__ = ["RuleDecision", "decide_rule", "HeadDecision", "decide_relu_head", "preactivation_bounds"]
 
@@ -39,6 +41,21 @@ def _z3():
     import z3
 
     return z3
+
+
+def _check(solver, seconds: float):
+    """``solver.check()`` within ``seconds``: z3's own timeout, plus a watchdog that
+    interrupts the context (z3's timeout alone overshot 10 s by up to 8 s here)."""
+    import threading
+
+    solver.set("timeout", max(1, int(seconds * 1000)))
+    watchdog = threading.Timer(seconds + 0.05, solver.ctx.interrupt)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        return solver.check()
+    finally:
+        watchdog.cancel()
 
 
 def _q(x: float):
@@ -71,6 +88,8 @@ def _encode(node, names: dict, thresholds: dict):
         return names[node.name]
     if isinstance(node, ThresholdRef):
         return _q(thresholds[node.name])
+    if isinstance(node, ClassThresholdRef):  # the box's own class: one number here
+        return _q(thresholds[class_key(node.name)])
     if isinstance(node, Neg):
         return -_encode(node.operand, names, thresholds)
     if isinstance(node, Not):
@@ -118,9 +137,8 @@ def decide_rule(tree, thresholds: dict[str, float], bounds: dict[str, tuple[floa
         if remaining <= 0:
             return RuleDecision("unknown", f"z3 timeout after {timeout_s:g}s", time.perf_counter() - start)
         solver = z3.Solver()
-        solver.set("timeout", max(1, int(remaining * 1000)))
         solver.add(*box, goal)
-        result = solver.check()
+        result = _check(solver, remaining)
         if result == z3.unknown:
             why = solver.reason_unknown()
             kind = "timeout" if why in ("timeout", "canceled") else f"unknown ({why})"
@@ -186,10 +204,7 @@ def preactivation_bounds(layers, x_lo: Tensor, x_hi: Tensor, method: str = "crow
             lin.weight.copy_(W)
             lin.bias.copy_(b)
         modules.append(lin)
-        if method == "ibp" or len(out) == 0:
-            bounds = bound_module(nn.Sequential(*modules), centre, radius, method="ibp" if method == "ibp" else "crown")
-        else:
-            bounds = bound_module(nn.Sequential(*modules), centre, radius, method=method)
+        bounds = bound_module(nn.Sequential(*modules), centre, radius, method=method)
         lo, hi = bounds.lower[0], bounds.upper[0]
         pad = 1e-9 * (1 + torch.maximum(lo.abs(), hi.abs()))
         out.append((lo - pad, hi + pad))
@@ -247,17 +262,16 @@ def decide_relu_head(layers, x_lo: Tensor, x_hi: Tensor, c: Tensor, d: float = 0
                 nxt.append(a)
         acts = nxt
     W, b = linears[-1]
-    out_w = c @ W
-    out_b = float(c @ b) + float(d)
-    objective = z3.Sum([_q(w) * a for w, a in zip(out_w.tolist(), acts) if w != 0] + [_q(out_b)])
+    outputs = [z3.Sum([_q(w) * a for w, a in zip(row, acts) if w != 0] + [_q(bi)])
+               for row, bi in zip(W.tolist(), b.tolist())]  # exact: no float products
+    objective = z3.Sum([_q(ci) * o for ci, o in zip(c.tolist(), outputs) if ci != 0] + [_q(float(d))])
     solver = z3.Solver()
     remaining = timeout_s - (time.perf_counter() - start)
     if remaining <= 0:
         return HeadDecision("unknown", f"z3 timeout after {timeout_s:g}s (encoding)", time.perf_counter() - start,
                             n_unstable=n_unstable)
-    solver.set("timeout", max(1, int(remaining * 1000)))
     solver.add(*cons, objective <= 0 if strict else objective < 0)
-    result = solver.check()
+    result = _check(solver, remaining)
     seconds = time.perf_counter() - start
     if result == z3.unsat:
         return HeadDecision("proved", "", seconds, n_unstable=n_unstable)
@@ -266,18 +280,32 @@ def decide_relu_head(layers, x_lo: Tensor, x_hi: Tensor, c: Tensor, d: float = 0
         reason = f"z3 timeout after {timeout_s:g}s" if why in ("timeout", "canceled") else f"z3 unknown ({why})"
         return HeadDecision("unknown", reason, seconds, n_unstable=n_unstable)
     model = solver.model()
-    x = torch.tensor([_model_value(model, v) for v in xs], dtype=torch.float64)
-    x = torch.minimum(torch.maximum(x, x_lo), x_hi)
-    value = float(c @ _forward(linears, x) + d)
-    violated = value <= 0 if strict else value < 0
+    exact_x = [_model_value(model, v) for v in xs]
+    # The model is exact: check it in exact rational arithmetic (float64 can round a point on
+    # the boundary either way), then report it in float64.
+    value_exact = _forward_exact(linears, exact_x, c, d)
+    violated = value_exact <= 0 if strict else value_exact < 0
+    x = torch.tensor([float(v) for v in exact_x], dtype=torch.float64)
     if not violated:
-        return HeadDecision("unknown", f"z3 model not confirmed in float64 (c.f(x)+d = {value:.3g})", seconds,
+        return HeadDecision("unknown", f"z3 model not confirmed (c.f(x)+d = {float(value_exact):.3g})", seconds,
                             n_unstable=n_unstable)
-    return HeadDecision("counterexample", "", seconds, x, value, n_unstable)
+    return HeadDecision("counterexample", "", seconds, x, float(value_exact), n_unstable)
 
 
-def _model_value(model, var) -> float:
+def _model_value(model, var) -> Fraction:
     val = model.eval(var, model_completion=True)
     if hasattr(val, "numerator_as_long"):
-        return float(Fraction(val.numerator_as_long(), val.denominator_as_long()))
-    return float(val.approx(20).as_fraction())
+        return Fraction(val.numerator_as_long(), val.denominator_as_long())
+    return Fraction(val.approx(30).as_fraction())
+
+
+def _forward_exact(linears, x: list[Fraction], c: Tensor, d: float) -> Fraction:
+    """``c . f(x) + d`` in exact rational arithmetic (the floats as exact fractions)."""
+    acts = x
+    for i, (W, b) in enumerate(linears):
+        rows = W.tolist()
+        acts = [sum((Fraction(w) * a for w, a in zip(row, acts) if w != 0), Fraction(bj))
+                for row, bj in zip(rows, b.tolist())]
+        if i < len(linears) - 1:
+            acts = [max(a, Fraction(0)) for a in acts]
+    return sum((Fraction(ci) * a for ci, a in zip(c.tolist(), acts)), Fraction(float(d)))

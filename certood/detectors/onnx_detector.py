@@ -40,9 +40,16 @@ Layouts (``layout=``), i.e. which graph outputs the adapter reads and how rows a
     ``pred_logits`` with the no-object column moved first (certood's background-first
     convention); tapped tensors have one row per query, ``[Q, ...]`` or ``[1, Q, ...]``.
 
-Every tapped tensor is flattened per row, ``[N, D]``, in :class:`Detections`.
-``monitored_head()`` extracts the subgraph from the region's tap to ``cls_logits`` and converts
-it to torch with onnx2torch, so certificates bound the same function ONNX Runtime runs.
+Every tapped tensor is flattened per row, ``[N, D]``, in :class:`Detections`; the
+``cls_logits`` tap is always there and equals the detections' logits (background first).
+The spec names the tensors under ``detector.tensors`` (tap point -> graph tensor name; list a
+graph's names with ``[n.output[0] for n in onnx.load(path).graph.node]``).
+
+``monitored_head(start)`` extracts the subgraph from the ``start`` tap to the logits (two_stage:
+the ``cls_logits`` tensor; detr: ``pred_logits``, columns reordered background first) and
+converts it with onnx2torch: an ``nn.Sequential`` ending with the classifier as ``nn.Linear``
+when the graph ends with a Gemm (or MatMul + Add), so certificates bound the same function ONNX
+Runtime runs. The yolo layout has none (an anchor's logits come from a neighbourhood).
 
 >>> det = OnnxDetector("frcnn.onnx", {"cls_logits": "/box_predictor/cls_score/Gemm_output_0"})  # doctest: +SKIP
 """
@@ -194,31 +201,47 @@ class OnnxDetector:
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             raise CertoodError(f"{self.path}: ONNX Runtime cannot load the model ({e})") from None
         self._fetch = list(dict.fromkeys(list(self.outputs.values()) + list(self.tensors.values())))
-        self.tap_points = tuple(self.tensors)
+        self.tap_points = tuple(dict.fromkeys([*self.tensors, LOGITS_TAP]))
         self._num_classes = num_classes
         self._row_shapes: dict[str, tuple[int, ...]] = {}
 
     # ------------------------------------------------------------------ properties
     @property
     def num_classes(self) -> int:
-        """Number of classes, background included (from the logits' width)."""
+        """Number of classes, background included: the logits' width (two_stage), the tapped
+        logits' or the predictions' width + 1 (yolo: attributes are fewer than anchors), the
+        width of ``pred_logits`` (detr). Read from the graph, else from one run on a blank image."""
         if self._num_classes is None:
-            if self.layout == "two_stage" or LOGITS_TAP in self.tensors:
-                shape = _static_shape(self.model, self.tensors.get(LOGITS_TAP, ""))
-                width = shape[-1] if shape else None
-                self._num_classes = None if width is None else width + (self.layout != "two_stage")
-            elif self.layout == "detr":
-                shape = _static_shape(self.model, self.outputs["pred_logits"])
-                self._num_classes = shape[-1] if shape and shape[-1] else None
-            else:
-                shape = _static_shape(self.model, self.outputs["predictions"])
-                if shape and len(shape) == 3 and shape[1] and shape[2]:
-                    a_last = shape[1] < shape[2]  # [1, 4 + K, A] when the attributes come first
-                    self._num_classes = (shape[1] if a_last else shape[2]) - 4 + 1
+            self._num_classes = self._infer_num_classes(_static_shape) or \
+                self._infer_num_classes(lambda model, name: self._dry_run_shapes().get(name))
             if self._num_classes is None:
                 raise CertoodError(f"{self.path}: cannot infer the number of classes from the graph; "
                                    "pass num_classes")
         return self._num_classes
+
+    def _infer_num_classes(self, shape_of) -> int | None:
+        if LOGITS_TAP in self.tensors:
+            shape = shape_of(self.model, self.tensors[LOGITS_TAP])
+            if shape and shape[-1]:
+                return int(shape[-1]) + (self.layout == "yolo")
+        if self.layout == "detr":
+            shape = shape_of(self.model, self.outputs["pred_logits"])
+            return int(shape[-1]) if shape and shape[-1] else None
+        if self.layout == "yolo":
+            shape = shape_of(self.model, self.outputs["predictions"])
+            if shape and len(shape) == 3 and shape[1] and shape[2]:
+                return int(min(shape[1], shape[2])) - 4 + 1
+        return None
+
+    def _dry_run_shapes(self) -> dict[str, list[int]]:
+        if not hasattr(self, "_dry_shapes"):
+            h, w = self.input_size or (64, 64)
+            try:
+                values = self.session.run(self._fetch, {self.input_name: np.zeros((1, 3, h, w), np.float32)})
+                self._dry_shapes = {n: list(np.shape(v)) for n, v in zip(self._fetch, values)}
+            except Exception:  # noqa: BLE001 - best effort; the caller says what to pass instead
+                self._dry_shapes = {}
+        return self._dry_shapes
 
     # ------------------------------------------------------------------ inference
     def _run(self, image: torch.Tensor) -> tuple[dict[str, np.ndarray], tuple[int, int], tuple[int, int]]:
@@ -246,9 +269,8 @@ class OnnxDetector:
             for point, tensor in self.tensors.items():
                 t = _rows_first(torch.from_numpy(np.asarray(values[tensor])), n_rows, point, tensor)
                 self._row_shapes[point] = tuple(t.shape[1:])
-                taps[point] = t[rows].reshape(len(rows), -1).float()
-            if self.layout == "two_stage":
-                logits = taps[LOGITS_TAP] if LOGITS_TAP in taps else logits
+                taps[point] = t[rows].reshape(len(rows), int(np.prod(t.shape[1:]))).float()
+            taps[LOGITS_TAP] = logits.float()  # Detections.logits: background first, every layout
             ry, rx = original[0] / size[0], original[1] / size[1]
             boxes = boxes * torch.tensor([rx, ry, rx, ry], dtype=boxes.dtype)
             det = Detections(boxes.float(), labels.long(), scores.float(), logits.float(), taps)
@@ -330,6 +352,23 @@ class OnnxDetector:
         the classifier's ``nn.Linear`` when the graph ends with a plain Gemm. Raises when the
         subgraph reads anything besides the tap (then it is not a function of the box's feature).
         """
+        if self.layout == "yolo":
+            raise CertoodError("layout yolo: no monitored head (a one-stage head computes an anchor's "
+                               "logits from a neighbourhood of its feature map); certificates need the "
+                               "two_stage or detr layout")
+        if self.layout == "detr":  # pred_logits, with the no-object column moved first
+            tensors = {**self.tensors, LOGITS_TAP: self.outputs["pred_logits"]}
+            head = extract_head(self.model, tensors, start, LOGITS_TAP, self._row_shapes.get(start),
+                                str(self.path))
+            if not isinstance(head[-1], nn.Linear):
+                raise CertoodError(f"{self.path}: layout detr: the class head is not a plain linear layer "
+                                   "(Gemm, or MatMul + Add); its columns cannot be put background first")
+            order = [head[-1].out_features - 1, *range(head[-1].out_features - 1)]
+            with torch.no_grad():
+                head[-1].weight.copy_(head[-1].weight[order].clone())
+                if head[-1].bias is not None:
+                    head[-1].bias.copy_(head[-1].bias[order].clone())
+            return head
         return extract_head(self.model, self.tensors, start, LOGITS_TAP, self._row_shapes.get(start),
                             str(self.path))
 
@@ -343,6 +382,29 @@ class _Rows(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], *self.shape)
+
+
+def _matmul_add_as_linear(node, producers: dict, initializers: dict) -> tuple[nn.Linear, str] | None:
+    """``Add(MatMul(A, W), b)`` with constant W ``[D, C]`` and b ``[C]`` (how the exporter writes
+    a Linear on 3-D input) as a Linear, and the name of A."""
+    from onnx import numpy_helper
+
+    if node.op_type != "Add" or len(node.input) != 2:
+        return None
+    for mm_name, b_name in (node.input, node.input[::-1]):
+        mm = producers.get(mm_name)
+        if mm is None or mm.op_type != "MatMul" or b_name not in initializers or mm.input[1] not in initializers:
+            continue
+        weight = torch.from_numpy(numpy_helper.to_array(initializers[mm.input[1]]).copy())
+        bias = torch.from_numpy(numpy_helper.to_array(initializers[b_name]).copy()).reshape(-1)
+        if weight.ndim != 2 or bias.shape != (weight.shape[1],):
+            return None
+        linear = nn.Linear(weight.shape[0], weight.shape[1])
+        with torch.no_grad():
+            linear.weight.copy_(weight.T.float())
+            linear.bias.copy_(bias.float())
+        return linear, mm.input[0]
+    return None
 
 
 def _gemm_as_linear(node, initializers: dict) -> nn.Linear | None:
@@ -421,10 +483,18 @@ def extract_head(model, tensors: Mapping[str, str], start: str, end: str = LOGIT
                                "before monitored_head()")
         row_shape = tuple(shape[1:])
     initializers = {i.name: i for i in model.graph.initializer}
-    producer = next((n for n in model.graph.node if dst in n.output), None)
-    linear = _gemm_as_linear(producer, initializers) if producer is not None and src != dst else None
+    producers = {o: n for n in model.graph.node for o in n.output}
+    producer = producers.get(dst)
+    linear, body_end = None, dst
+    if producer is not None and src != dst:
+        linear = _gemm_as_linear(producer, initializers)
+        if linear is not None:
+            body_end = producer.input[0]
+        else:
+            found = _matmul_add_as_linear(producer, producers, initializers)
+            if found is not None:
+                linear, body_end = found
     layers: list[nn.Module] = [_Rows(row_shape)] if len(row_shape) != 1 else []
-    body_end = producer.input[0] if linear is not None else dst
     if body_end != src:
         layers.append(_convert(model, src, body_end, where))
     if linear is not None:

@@ -259,3 +259,67 @@ def load_detector(arch: str, weights: str, num_classes: int | None = None,
         device = "cuda" if torch.cuda.is_available() else "cpu"
     adapter = TorchvisionOneStage if arch in ONESTAGE_ARCHS else TorchvisionFasterRCNN
     return adapter(model, file_sha256(path), device)
+
+
+class TwoStageOnnxModule(nn.Module):
+    """A torchvision Faster R-CNN in the ``two_stage`` ONNX layout (certood.detectors.onnx_detector):
+    image ``[1, 3, H, W]`` in; ``boxes``, ``labels``, ``scores`` and each detection's proposal
+    ``rows`` out. The transform is left out: the image must already be at the model's size and
+    normalisation (the demo detector's transform is the identity at 128 px)."""
+
+    def __init__(self, model: detection.FasterRCNN):
+        super().__init__()
+        self.backbone = model.backbone
+        self.rpn = model.rpn
+        self.box_roi_pool = model.roi_heads.box_roi_pool
+        self.box_head = model.roi_heads.box_head
+        self.box_predictor = model.roi_heads.box_predictor
+        self.roi_heads = model.roi_heads
+
+    def forward(self, image: torch.Tensor):
+        from torchvision.models.detection.image_list import ImageList
+
+        batch = ImageList(image, [tuple(image.shape[-2:])])
+        features = self.backbone(image)
+        if isinstance(features, torch.Tensor):
+            features = OrderedDict([("0", features)])
+        proposals, _ = self.rpn(batch, features)
+        roi = self.box_roi_pool(features, proposals, batch.image_sizes)
+        logits, regression = self.box_predictor(self.box_head(roi))
+        [(boxes, scores, labels, rows)] = postprocess_with_rows(self.roi_heads, logits, regression,
+                                                                proposals, batch.image_sizes)
+        return boxes, labels, scores, rows
+
+
+def export_two_stage_onnx(model: detection.FasterRCNN, path: str | Path, size: tuple[int, int] = (128, 128),
+                          dynamic: bool = True, opset: int = 17) -> dict[str, str]:
+    """Export ``model`` in the ``two_stage`` ONNX layout; returns the spec's ``detector.tensors``
+    (tap point -> graph tensor): the box head's input and output, the class logits.
+
+    TorchScript exporter (``dynamo=False``): its graphs convert back with onnx2torch (certificates).
+
+    >>> tensors = export_two_stage_onnx(digits_fasterrcnn(6).eval(), "frcnn.onnx")  # doctest: +SKIP
+    """
+    import io
+    import warnings
+
+    import onnx
+
+    module = TwoStageOnnxModule(model.eval()).eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on torchvision's python control flow
+        torch.onnx.export(module, (torch.rand(1, 3, *size),), buf, dynamo=False, opset_version=opset,
+                          input_names=["images"], output_names=["boxes", "labels", "scores", "rows"],
+                          dynamic_axes={"images": {2: "height", 3: "width"}} if dynamic else None)
+    graph = onnx.load_from_string(buf.getvalue()).graph
+    first = {}
+    for node in graph.node:
+        scope = node.name.split("/")[1] if node.name.startswith("/") else ""
+        first.setdefault(scope, node)
+    cls_score = [n for n in graph.node if n.name.startswith("/box_predictor/cls_score/")]
+    if "box_head" not in first or "box_predictor" not in first or len(cls_score) != 1:
+        raise CertoodError("export: cannot find the box head and classifier in the exported graph")
+    Path(path).write_bytes(buf.getvalue())
+    return {"box_head.input": first["box_head"].input[0], "box_head.output": first["box_predictor"].input[0],
+            "cls_logits": cls_score[0].output[0]}

@@ -28,6 +28,7 @@ from certood.scores.mc_dropout import MCDropout
 from certood.scores.msp import MaxSoftmax
 from certood.scores.odin import ODIN
 from certood.scores.particul import Particul
+from certood.scores.pvalue_fusion import PValueFusion
 from certood.scores.react import ReAct
 from certood.scores.relative_mahalanobis import RelativeMahalanobis
 from certood.scores.vim import ViM
@@ -35,11 +36,11 @@ from certood.scores.vim import ViM
 SCORE_CLASSES: dict[str, type[Score]] = {cls.kind: cls for cls in (
     Energy, Mahalanobis, MaxSoftmax, MaxLogit, Entropy, ODIN, RelativeMahalanobis, KNN, ViM,
     ReAct, ASH, DICE, GradNorm, MCDropout, LaREM, LaRED, BoxAbstraction, ActivationPattern,
-    Particul)}
+    Particul, PValueFusion)}
 
 __all__ = ["ASH", "DICE", "KNN", "ODIN", "SCORE_CLASSES", "ActivationPattern", "BoxAbstraction",
            "Energy", "Entropy", "GradNorm", "LaRED", "LaREM", "MCDropout", "Mahalanobis",
-           "MaxLogit", "MaxSoftmax", "Particul", "ReAct", "RelativeMahalanobis", "Score", "ViM",
+           "MaxLogit", "MaxSoftmax", "PValueFusion", "Particul", "ReAct", "RelativeMahalanobis", "Score", "ViM",
            "build_score", "energy_score", "fit_class_gaussians", "mahalanobis_score"]
 
 

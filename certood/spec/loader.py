@@ -25,9 +25,12 @@ from certood.spec.model import (
     CertifySpec, DataSource, DataSpec, DetectorSpec, GatePolicy, OutputSpec, ScoreSpec, Spec, TemporalSpec,
     ThresholdSpec,
 )
+from certood.spec.consistency import check_rule_consistency, describe_range, score_ranges
+from certood.spec.extends import read_spec_document, rebase_paths
+from certood.spec.model import DEFAULT_DETECTOR_SCORE, DEFAULT_TPR
 from certood.spec.policy import GateNames, build_policies, check_policy_entries, conflicts
-from certood.spec.rule import Rule, RuleProblem, check_rule
-from certood.spec.schema import Collector, Problem, did_you_mean
+from certood.spec.rule import ClassThresholdRef, Rule, RuleProblem, check_rule
+from certood.spec.schema import Collector, Problem, closest, did_you_mean
 from certood.spec.source import LINE_BREAK, Document, Loc, key_path_str, read_yaml
 from certood.spec.v1 import (
     BUILTIN_WEIGHTS, CERTIFY_TAP_POINTS, POLICY_FILE, SCORE_KIND_TABLE, SCORE_NAME, SPEC, TAP_POINTS, VIDEO_SPLITS,
@@ -62,30 +65,40 @@ def _check_file(path: str | Path) -> tuple[Spec | None, list[SpecIssue]]:
         found = getattr(e, "strerror", None) or str(e)
         return None, [SpecIssue(str(path), 1, 1, "", "a readable spec file", found)]
     absolute = Path(os.path.abspath(path))
-    spec, issues = check_spec_text(data, str(path), absolute.parent)
+    spec, issues = _check_text(data, str(path), absolute.parent, str(absolute))
     return (spec and dataclasses.replace(spec, path=absolute)), issues
 
 
 def check_spec_text(text: str | bytes, filename: str = "<string>",
                     base_dir: Path | None = None) -> tuple[Spec | None, list[SpecIssue]]:
-    """(spec or None, all issues sorted by position); the spec is None iff there are errors."""
-    doc = read_yaml(text, filename)
+    """(spec or None, all issues sorted by file and position); the spec is None iff there are
+    errors. `extends` resolves against `base_dir` (default: the current directory)."""
+    return _check_text(text, filename, base_dir, None)
+
+
+def _check_text(text: str | bytes, filename: str, base_dir: Path | None,
+                real_path: str | None) -> tuple[Spec | None, list[SpecIssue]]:
+    base = Path(os.path.abspath(base_dir if base_dir is not None else Path.cwd()))
+    doc, parents = read_spec_document(text, filename, base, real_path)
     if doc.value is None:
         return None, doc.issues
     ctx = Collector()
     norm = SPEC.validate(doc.value, (), ctx)
+    threshold_warnings = _check_threshold(norm, ctx)
     _cross_check(norm, doc.value, ctx)
     _check_certify(norm, doc.value, ctx)
-    temporal_warnings = _check_temporal(norm, doc.value, ctx)
+    temporal_warnings = _check_temporal(norm, doc.value, ctx) + _protocol_warnings(norm)
     gate = _check_gate(norm, doc, filename, GateNames.from_raw(doc.value), ctx)
     issues = doc.issues + [_locate(p, doc, filename) for p in ctx.problems]
     issues += [_locate(p, doc, filename, "warning") for p in temporal_warnings]
+    issues += [_locate(p, doc, filename, "warning") for p in threshold_warnings]
     rule, rule_issues = _check_rule(norm, doc, filename)
-    issues = sorted(issues + rule_issues, key=lambda i: (i.line, i.column))
+    # the spec's own issues first, then each inherited file's (extends), by position
+    issues = sorted(issues + rule_issues, key=lambda i: (i.file != filename, i.file, i.line, i.column))
     if rule is None or any(i.severity == "error" for i in issues):
         return None, issues
     warnings = tuple(i for i in issues if i.severity == "warning")
-    base = Path(os.path.abspath(base_dir if base_dir is not None else Path.cwd()))
+    norm = rebase_paths(norm, doc, parents)
     return dataclasses.replace(_build(norm, doc.value, rule, base, warnings), gate=gate), issues
 
 
@@ -140,7 +153,7 @@ def _locate(problem: Problem, doc: Document, file: str, severity: str = "error")
         path = path[:-1]
         loc = doc.keys.get(path) or doc.values.get(path)
     loc = loc or Loc(1, 1)
-    return SpecIssue(file, loc.line, loc.column, key_path_str(problem.path),
+    return SpecIssue(loc.file or file, loc.line, loc.column, key_path_str(problem.path),
                      problem.expected, problem.found, problem.hint, severity)
 
 
@@ -192,8 +205,8 @@ def _check_temporal(norm, raw: dict, ctx: Collector) -> list[Problem]:
         return []
     warnings = []
     certified = temporal.get("certified")
-    if isinstance(certified, dict) and isinstance(certified.get("k"), int) and isinstance(certified.get("n"), int) \
-            and certified["k"] > certified["n"]:
+    if isinstance(certified, dict) and isinstance(certified.get("k"), int) \
+            and isinstance(certified.get("n"), int) and certified["k"] > certified["n"]:
         ctx.add(("temporal", "certified", "k"), f"k <= n (n = {certified['n']})", f"k = {certified['k']}",
                 "k certified frames must fit in the window of the last n frames")
     aggregate, written = temporal.get("aggregate"), raw.get("temporal") or {}
@@ -210,7 +223,8 @@ def _check_temporal(norm, raw: dict, ctx: Collector) -> list[Problem]:
     for path, source, required in sources:
         split = source.get("digitsdet") if isinstance(source, dict) else None
         if isinstance(split, str) and split not in VIDEO_SPLITS:
-            problem = (path + ("digitsdet",), f"a video split ({', '.join(VIDEO_SPLITS)}) when temporal is set",
+            problem = (path + ("digitsdet",),
+                       f"a video split ({', '.join(VIDEO_SPLITS)}) when temporal is set",
                        repr(split), "track thresholds are calibrated on video" if required
                        else "still images give no tracks: this set is skipped by the temporal metrics")
             if required:
@@ -218,6 +232,30 @@ def _check_temporal(norm, raw: dict, ctx: Collector) -> list[Problem]:
             else:
                 warnings.append(Problem(*problem))
     return warnings
+
+
+def _protocol_warnings(norm) -> list[Problem]:
+    """Warnings for a gt_matched OOD set that is a DigitsDet split without ID objects: every box
+    there is OOD or unmatched, so the protocol has no ID boxes to compare with."""
+    data = norm.get("data") if isinstance(norm, dict) else None
+    ood = data.get("ood") if isinstance(data, dict) else None
+    out = []
+    for name, source in (ood.items() if isinstance(ood, dict) else ()):
+        if isinstance(source, dict) and source.get("protocol") == "gt_matched" \
+                and source.get("digitsdet") in GT_MATCHED_USELESS_SPLITS:
+            out.append(Problem(("data", "ood", name, "protocol"),
+                               "an OOD set holding ID and unknown objects for protocol gt_matched",
+                               f"digitsdet split {source['digitsdet']!r} (no ID objects)",
+                               "use digitsdet: mixed, or protocol: box"))
+        elif isinstance(source, dict) and source.get("protocol") == "box" and source.get("digitsdet") == "mixed":
+            out.append(Problem(("data", "ood", name, "digitsdet"),
+                               "an OOD set without ID objects for protocol box (every box counts as OOD)",
+                               "digitsdet split 'mixed' (ID and unknown objects)",
+                               "add protocol: gt_matched to this set"))
+    return out
+
+
+GT_MATCHED_USELESS_SPLITS = ("ood-near", "ood-far")
 
 
 def _wrong_tap_point(name: str, kind: str, tap: str, taps: dict, need: str, ctx: Collector) -> None:
@@ -259,12 +297,137 @@ def _check_rule(norm, doc: Document, file: str) -> tuple[Rule | None, list[SpecI
             unused = Problem(("scores", name), "a score the rule reads", f"score '{name}' unused by the rule",
                              "use it in rule, or remove it", at_key=True)
             issues.append(_locate(unused, doc, file, "warning"))
+        issues += [_rule_issue(p, loc, source, file, p.severity) for p in _rule_semantics(rule, norm)]
     return rule, issues
 
 
-def _rule_issue(problem: RuleProblem, loc: Loc, source: str, file: str) -> SpecIssue:
+def _rule_issue(problem, loc: Loc, source: str, file: str, severity: str = "error") -> SpecIssue:
     line, column = _position_in_string(loc, source, problem.pos)
-    return SpecIssue(file, line, column, "rule", problem.expected, problem.found, problem.hint)
+    return SpecIssue(loc.file or file, line, column, "rule", problem.expected, problem.found, problem.hint, severity)
+
+
+def _rule_semantics(rule: Rule, norm) -> list:
+    """Per-class thresholds the spec can provide, then consistency (z3; see
+    certood.spec.consistency): problems located in the rule, each with a severity."""
+    norm = norm if isinstance(norm, dict) else {}
+    threshold = norm.get("threshold") if isinstance(norm.get("threshold"), dict) else None
+    problems = []
+    for node in (n for n in rule.nodes() if isinstance(n, ClassThresholdRef)):
+        written = f"'t.{node.name}[class]'"
+        if threshold is not None and threshold.get("per_class") is not True:
+            problems.append(_Located(node.pos, "error", "t.NAME[class] with per-class thresholds calibrated",
+                                     f"{written}, but threshold.per_class is not true",
+                                     f"set threshold: {{per_class: true}}, or use t.{node.name}"))
+        for block in ("temporal",):  # certify reads the box's own class threshold (a constant)
+            if isinstance(norm.get(block), dict):
+                problems.append(_Located(node.pos, "error", f"global thresholds only when {block} is set",
+                                         written, f"{block} does not support per-class thresholds yet: "
+                                         f"use t.{node.name}"))
+    scores = norm.get("scores")
+    if problems or not isinstance(scores, dict) or not all(isinstance(s, dict) for s in scores.values()):
+        return problems
+    detector = norm.get("detector") if isinstance(norm.get("detector"), dict) else {}
+    ranges = score_ranges({n: s["kind"] for n, s in scores.items()}, detector.get("num_classes"))
+    fixed = threshold.get("fixed") if threshold is not None else None
+    fixed = fixed if isinstance(fixed, dict) and all(isinstance(v, float) for v in fixed.values()) else None
+    return list(check_rule_consistency(rule, ranges, fixed))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Located:
+    pos: int
+    severity: str
+    expected: str
+    found: str
+    hint: str = ""
+
+
+# --- thresholds: the method's names, OOD validation data, fixed values --------------------
+def _check_threshold(norm, ctx: Collector) -> list[Problem]:
+    """Errors (into ctx) and warnings (returned) of `threshold` and `data.ood_validation`:
+    fpr is set on a validation set, never on an OOD test set; fixed names every score."""
+    if not isinstance(norm, dict):
+        return []
+    data = norm.get("data") if isinstance(norm.get("data"), dict) else {}
+    validation = data.get("ood_validation") if isinstance(data.get("ood_validation"), dict) else {}
+    ood = data.get("ood") if isinstance(data.get("ood"), dict) else {}
+    for name, source in validation.items():
+        same = next((t for t, test in ood.items() if _same_data(source, test)), None)
+        if same is not None:
+            ctx.add(("data", "ood_validation", name), "OOD validation data distinct from the OOD test sets",
+                    f"the same data as data.ood.{same} ({_describe_source(ood[same])})",
+                    "thresholds set on test data overstate the test metrics: use separate data", at_key=True)
+    threshold = norm.get("threshold")
+    if not isinstance(threshold, dict):
+        return []
+    warnings = []
+    on = threshold.get("on")
+    if isinstance(on, str) and on not in validation:
+        choices = list(validation)
+        expected = "a set of data.ood_validation" + (f" (one of: {', '.join(choices)})" if choices
+                                                      else " (the spec defines none)")
+        if on in ood:
+            ctx.add(("threshold", "on"), expected, f"'{on}', an OOD test set of data.ood",
+                    "thresholds are never set on test data: add a separate set under data.ood_validation")
+        else:
+            ctx.add(("threshold", "on"), expected, repr(on),
+                    did_you_mean(on, choices) or "add it under data.ood_validation")
+    for name in validation:
+        if name != on:
+            warnings.append(Problem(("data", "ood_validation", name), "an OOD validation set that threshold.on names",
+                                    f"'{name}', unused", "set threshold: {fpr: ..., on: " + name + "}, or remove it",
+                                    at_key=True))
+    fixed = threshold.get("fixed")
+    scores = norm.get("scores") if isinstance(norm.get("scores"), dict) else None
+    if isinstance(fixed, dict) and scores is not None:
+        misspelt = set()
+        for name in (n for n in fixed if n not in scores):
+            misspelt.add(closest(name, scores))
+            ctx.add(("threshold", "fixed", name), f"a score defined under scores (one of: {', '.join(scores)})",
+                    f"'{name}'", did_you_mean(name, scores), at_key=True)
+        missing = [n for n in scores if n not in fixed and n not in misspelt]  # a typo is one issue
+        if missing:
+            ctx.add(("threshold", "fixed"), "a threshold for every score", f"none for {', '.join(missing)}",
+                    "add them: every score needs a threshold")
+        detector = norm.get("detector") if isinstance(norm.get("detector"), dict) else {}
+        kinds = {n: s["kind"] for n, s in scores.items() if isinstance(s, dict)}
+        for name, r in score_ranges(kinds, detector.get("num_classes")).items():
+            value = fixed.get(name)
+            if isinstance(value, float) and ((r[0] is not None and value < r[0]) or (r[1] is not None and value >= r[1])):
+                warnings.append(Problem(("threshold", "fixed", name), f"a threshold inside the range of {describe_range(name, r)}",
+                                        f"{value:g}", f"{name} > t.{name} is then "
+                                        + ("always true" if r[0] is not None and value < r[0] else "never true")))
+    if threshold.get("per_class") is True and isinstance(fixed, dict):
+        ctx.add(("threshold", "per_class"), "per_class with calibrated thresholds (tpr or fpr)", "fixed thresholds",
+                "remove per_class, or calibrate the thresholds")
+    if isinstance(norm.get("temporal"), dict):
+        for key in (k for k in ("fpr", "fixed") if k in threshold):
+            ctx.add(("threshold", key), "threshold tpr when temporal is set", f"'{key}'",
+                    "track thresholds are calibrated at the ID TPR", at_key=True)
+    return warnings
+
+
+def _same_data(a, b) -> bool:
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return False
+    if isinstance(a.get("digitsdet"), str) and a.get("digitsdet") == b.get("digitsdet"):
+        return True
+    paths = [x.get("annotations") for x in (a, b)]
+    return all(isinstance(p, str) for p in paths) and os.path.normpath(paths[0]) == os.path.normpath(paths[1])
+
+
+def _describe_source(source: dict) -> str:
+    if isinstance(source.get("digitsdet"), str):
+        return f"digitsdet: {source['digitsdet']}"
+    return f"annotations: {source.get('annotations')}"
+
+
+def _threshold(t: dict | None) -> ThresholdSpec:
+    t = t or {}
+    calibrated_at_tpr = "fpr" not in t and "fixed" not in t
+    return ThresholdSpec(tpr=t.get("tpr", DEFAULT_TPR) if calibrated_at_tpr else None,
+                         detector_score=t.get("detector_score", DEFAULT_DETECTOR_SCORE), fpr=t.get("fpr"),
+                         on=t.get("on"), fixed=dict(t.get("fixed") or {}), per_class=t.get("per_class", False))
 
 
 # --- building the dataclasses (only for a spec without errors) ------------------------------
@@ -291,7 +454,8 @@ def _build(norm: dict, raw: dict, rule: Rule, base: Path, warnings: tuple) -> Sp
         if d is None:
             return None
         return DataSource(digitsdet=d.get("digitsdet"), annotations=_resolve(base, d.get("annotations")),
-                          images=_resolve(base, d.get("images")), max_images=d.get("max_images"))
+                          images=_resolve(base, d.get("images")), max_images=d.get("max_images"),
+                          protocol=d.get("protocol", "box"))
 
     return Spec(
         path=None,
@@ -299,12 +463,13 @@ def _build(norm: dict, raw: dict, rule: Rule, base: Path, warnings: tuple) -> Sp
         detector=detector,
         data=DataSpec(fit=source(data.get("fit")), calibration=source(data["calibration"]),
                       id_test=source(data.get("id_test")),
-                      ood={k: source(v) for k, v in (data.get("ood") or {}).items()}),
+                      ood={k: source(v) for k, v in (data.get("ood") or {}).items()},
+                      ood_validation={k: source(v) for k, v in (data.get("ood_validation") or {}).items()}),
         taps=dict(norm["taps"]),
         scores={name: ScoreSpec(kind=s["kind"], tap=s["tap"],
                                 params={p: s[p] for p in SCORE_KIND_TABLE[s["kind"]].params})
                 for name, s in norm["scores"].items()},
-        threshold=ThresholdSpec(**norm.get("threshold", {})),
+        threshold=_threshold(norm.get("threshold")),
         rule=rule,
         output=OutputSpec(dir=_resolve(base, (norm.get("output") or {}).get("dir"))),
         warnings=warnings,

@@ -17,6 +17,7 @@ DEFAULT_SCORE_THRESH = 0.05
 DEFAULT_DEVICE = "cpu"
 DEFAULT_TPR = 0.95
 DEFAULT_DETECTOR_SCORE = "f1"
+MIN_CLASS_BOXES = 20  # per-class thresholds: fewer calibration boxes of a class, use the global one
 AGGREGATES = ("mean", "ema", "max", "cusum")
 DEFAULT_TRACK_IOU = 0.3
 DEFAULT_MAX_AGE = 3
@@ -56,6 +57,7 @@ class DataSource:
     annotations: Path | None = None
     images: Path | None = None
     max_images: int | None = None
+    protocol: str = "box"  # OOD sets only: "box" (VOS) or "gt_matched" (certood.check)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class DataSpec:
     calibration: DataSource  # where thresholds are set
     id_test: DataSource | None = None
     ood: dict[str, DataSource] = field(default_factory=dict)
+    ood_validation: dict[str, DataSource] = field(default_factory=dict)  # for threshold: {fpr, on}
 
 
 @dataclass(frozen=True)
@@ -77,8 +80,38 @@ class ScoreSpec:
 
 @dataclass(frozen=True)
 class ThresholdSpec:
-    tpr: float = DEFAULT_TPR  # ID true-positive rate each score threshold keeps
+    """How score thresholds are set (`method`): at an ID true-positive rate `tpr` on the
+    calibration boxes, at an OOD false-positive rate `fpr` on the OOD validation set `on`, or
+    `fixed` per score; `per_class` adds per predicted class thresholds at the same target.
+
+    >>> ThresholdSpec().method, ThresholdSpec(tpr=None, fpr=0.05, on="near_val").method
+    ('tpr', 'fpr')
+    """
+
+    tpr: float | None = DEFAULT_TPR  # ID true-positive rate each score threshold keeps (method tpr)
     detector_score: str | float = DEFAULT_DETECTOR_SCORE  # "f1" or a fixed detector score cut
+    fpr: float | None = None  # OOD boxes of `on` left unflagged by each threshold, at most (method fpr)
+    on: str | None = None  # a data.ood_validation set (method fpr)
+    fixed: dict[str, float] = field(default_factory=dict)  # score -> threshold (method fixed)
+    per_class: bool = False
+
+    @property
+    def method(self) -> str:
+        return "fixed" if self.fixed else "fpr" if self.fpr is not None else "tpr"
+
+    def describe(self) -> str:
+        """The method in words, for reports.
+
+        >>> ThresholdSpec(tpr=0.95, per_class=True).describe()
+        '95% ID TPR on calibration boxes, per predicted class'
+        """
+        if self.method == "fixed":
+            text = "fixed values"
+        elif self.method == "fpr":
+            text = f"{self.fpr:.0%} OOD FPR on OOD validation set {self.on}"
+        else:
+            text = f"{self.tpr:.0%} ID TPR on calibration boxes"
+        return text + (", per predicted class" if self.per_class else "")
 
 
 @dataclass(frozen=True)
@@ -182,7 +215,8 @@ class Spec:
 
     def fingerprint(self) -> str:
         """sha256 of what determines a calibration: version, detector, fit and calibration
-        data, taps, scores, threshold and temporal, as written. Rule, output, gate, id_test and ood are
+        data, taps, scores, threshold (and the OOD validation set it names) and temporal, as
+        written (after `extends` is merged). Rule, output, gate, id_test and ood are
         left out, so editing them keeps a calibrated monitor (and its check results) usable."""
         raw, data = self.raw, self.raw.get("data") or {}
         payload = {
@@ -196,5 +230,8 @@ class Spec:
         }
         if "temporal" in raw:  # track thresholds are calibrated too; absent: hash as before
             payload["temporal"] = raw["temporal"]
+        on = (raw.get("threshold") or {}).get("on")
+        if on is not None:  # thresholds set on an OOD validation set depend on its data
+            payload["data.ood_validation"] = (data.get("ood_validation") or {}).get(on)
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -154,7 +154,7 @@ def build_policies(entries: list, values: dict, file: str, bad: set[int],
         out.append((prefix + (i,), GatePolicy(
             metric=entry["metric"], op=entry.get("op"), value=entry.get("value"), score=entry.get("score"),
             dataset=entry.get("dataset"), max_drop=baseline.get("max_drop"), max_rise=baseline.get("max_rise"),
-            warn=entry.get("warn"), name=entry.get("name"), file=file, line=loc.line, column=loc.column,
+            warn=entry.get("warn"), name=entry.get("name"), file=loc.file or file, line=loc.line, column=loc.column,
         )))
     return out
 

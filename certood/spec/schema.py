@@ -226,11 +226,13 @@ class Field:
 @dataclass(frozen=True)
 class Record(_Type):
     """A mapping with known keys. `one_of` lists key groups of which exactly one must be
-    present, complete (e.g. `(("digitsdet",), ("annotations", "images"))`)."""
+    present, complete (e.g. `(("digitsdet",), ("annotations", "images"))`); with
+    `one_of_required=False`, at most one (none is fine: the fields' defaults apply)."""
 
     fields: dict
     one_of: tuple = ()
     description: str = ""
+    one_of_required: bool = True
 
     @property
     def expected(self) -> str:
@@ -265,9 +267,10 @@ class Record(_Type):
         wanted = " or ".join(" with ".join(f"'{k}'" for k in group) for group in self.one_of)
         present = [g for g in self.one_of if any(k in value for k in g)]
         if not present:
-            ctx.add(path, f"either {wanted}", "neither")
+            if self.one_of_required:
+                ctx.add(path, f"either {wanted}", "neither")
         elif len(present) > 1:
-            first, second = present[0][0], next(k for k in present[1] if k in value)
+            first, second = (next(k for k in g if k in value) for g in present[:2])
             ctx.add(path + (second,), f"only one of {wanted}", f"both '{first}' and '{second}'", at_key=True)
         else:
             for key in present[0]:
@@ -285,8 +288,12 @@ class Record(_Type):
         required = [k for k, f in self.fields.items() if f.required]
         if required:
             out["required"] = required
-        if self.one_of:
+        if self.one_of and self.one_of_required:
             out["oneOf"] = [{"required": list(g)} for g in self.one_of]
+        elif self.one_of:  # at most one group: no key of one group beside a key of another
+            out["not"] = {"anyOf": [{"required": [a, b]} for i, g in enumerate(self.one_of)
+                                    for h in self.one_of[i + 1:] for a in g for b in h]}
+        if self.one_of:
             out["dependentRequired"] = {k: [o for o in g if o != k] for g in self.one_of if len(g) > 1 for k in g}
         return _described(out, self.description)
 
@@ -405,3 +412,89 @@ def _described(schema: dict, description: str) -> dict:
     if description and "description" not in schema:
         schema["description"] = description
     return schema
+
+
+_SCHEMA_MAPS = ("properties", "$defs", "patternProperties", "dependentSchemas")
+_SCHEMA_ONE = ("additionalProperties", "items", "not", "propertyNames", "if", "then", "else", "contains")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+
+
+def factor_repeats(schema: dict, min_chars: int = 400, keep_top: bool = True) -> dict:
+    """`schema` with each subschema that occurs more than once (and is at least `min_chars`
+    long as JSON) moved to `$defs` and referenced, so that tagged records repeated under
+    every score name are written once. `keep_top`: the root's own `properties` stay inline
+    (what editors and readers look at first). Names are content hashes: deterministic.
+
+    >>> big = {"type": "object", "description": "x" * 500}
+    >>> out = factor_repeats({"anyOf": [big, big]}, keep_top=False)
+    >>> out["anyOf"][0] == out["anyOf"][1] == {"$ref": "#/$defs/s" + out["anyOf"][0]["$ref"][-10:]}
+    True
+    """
+    import hashlib
+    import json
+
+    canon: dict[int, str] = {}
+    counts: dict[str, int] = {}
+
+    def measure(node) -> str:  # canonical JSON, bottom-up, counted in schema positions
+        if isinstance(node, dict):
+            text = "{" + ",".join(json.dumps(k) + ":" + measure(node[k]) for k in sorted(node)) + "}"
+        elif isinstance(node, list):
+            text = "[" + ",".join(measure(v) for v in node) + "]"
+        else:
+            return json.dumps(node, sort_keys=True)
+        canon[id(node)] = text
+        return text
+
+    def count(node) -> None:
+        if not isinstance(node, dict):
+            return
+        text = canon[id(node)]
+        if len(text) >= min_chars:
+            counts[text] = counts.get(text, 0) + 1
+        for sub in _subschemas(node):
+            count(sub)
+
+    measure(schema)
+    count(schema)
+    defs: dict[str, dict] = {}
+
+    def rewrite(node, protect: bool = False):
+        if not isinstance(node, dict):
+            return node
+        text = canon[id(node)]
+        if not protect and counts.get(text, 0) > 1:
+            name = "s" + hashlib.sha256(text.encode()).hexdigest()[:10]
+            if name not in defs:
+                defs[name] = {}
+                defs[name] = rebuild(node)
+            return {"$ref": f"#/$defs/{name}"}
+        return rebuild(node)
+
+    def rebuild(node: dict, top: bool = False) -> dict:
+        out = {}
+        for key, value in node.items():
+            if key in _SCHEMA_MAPS and isinstance(value, dict):
+                out[key] = {k: rewrite(v, protect=top and key == "properties") for k, v in value.items()}
+            elif key in _SCHEMA_ONE and isinstance(value, dict):
+                out[key] = rewrite(value)
+            elif key in _SCHEMA_LISTS and isinstance(value, list):
+                out[key] = [rewrite(v) for v in value]
+            else:
+                out[key] = value
+        return out
+
+    result = rebuild(schema, top=keep_top)
+    if defs:
+        result["$defs"] = {**result.get("$defs", {}), **dict(sorted(defs.items()))}
+    return result
+
+
+def _subschemas(node: dict):
+    for key, value in node.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            yield from (v for v in value.values() if isinstance(v, dict))
+        elif key in _SCHEMA_ONE and isinstance(value, dict):
+            yield value
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            yield from (v for v in value if isinstance(v, dict))

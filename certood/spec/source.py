@@ -38,17 +38,22 @@ class _Invalid:
 INVALID = _Invalid()  # a value rejected and reported already (an alias, a bad number...)
 
 MAX_DEPTH = 64  # nesting deeper than any spec needs; keeps every walker far from recursion limits
+# YAML 1.1 reads these plain words as booleans; as mapping keys they are names (`on: near_val`),
+# as YAML 1.2 and editors read them. `true`/`false` keys stay booleans (and are rejected).
+WORD_KEYS = frozenset(w for word in ("yes", "no", "on", "off") for w in (word, word.title(), word.upper()))
 LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")  # what YAML counts as a line break
 _TAG_PREFIX = "tag:yaml.org,2002:"
 
 
 @dataclass(frozen=True)
 class Loc:
-    """Where a node starts (1-based), and its text as written for scalars ("" otherwise)."""
+    """Where a node starts (1-based), and its text as written for scalars ("" otherwise).
+    `file` names the file for values a spec inherits through `extends` ("": the spec itself)."""
 
     line: int
     column: int
     source: str = ""
+    file: str = field(default="", repr=False, compare=False)
 
 
 @dataclass
@@ -242,8 +247,13 @@ class _Reader:
         out: dict = {}
         first: dict[str, object] = {}
         while not self.events.check_event(MappingEndEvent):
-            mark = self.events.peek_event().start_mark
-            key = self._node(path, depth + 1, record=False)
+            event = self.events.peek_event()
+            mark = event.start_mark
+            if isinstance(event, ScalarEvent) and event.style is None and event.tag is None \
+                    and event.anchor is None and event.value in WORD_KEYS:
+                key = self.events.get_event().value
+            else:
+                key = self._node(path, depth + 1, record=False)
             if key is INVALID:  # an alias as key: reported already
                 self._node(path, depth + 1, record=False)
                 continue

@@ -3,7 +3,7 @@
 The loader validates against `SPEC` and `json_schema()` is generated from it.
 Adding a score kind is one entry in `SCORE_KIND_TABLE`.
 
->>> sorted(json_schema()["required"])
+>>> sorted(json_schema()["$defs"]["complete"]["required"])
 ['data', 'detector', 'scores', 'taps', 'version']
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from certood.spec import model
-from certood.spec.schema import AnyOf, Enum, Field, Float, Int, List, Map, Record, Str, Tagged
+from certood.spec.schema import AnyOf, Enum, Field, Float, Int, List, Map, Record, Str, Tagged, factor_repeats
 
 SUPPORTED_VERSIONS = (1,)
 
@@ -50,7 +50,13 @@ class ScoreKind:
     tap_point: str | None = None  # a TAP_POINTS value ("logits"), None: any tap
     needs_fit: bool = False
     description: str = ""
+    # (lo, hi) every value of the score lies in; None: unbounded on that side; "log(C)": the
+    # log of the number of foreground classes. The rule's consistency check relies on it, so
+    # declare only what holds for every input.
+    value_range: tuple = (None, None)
 
+
+LOG_CLASSES = "log(C)"  # a value_range bound: log of the number of foreground classes
 
 SCORE_KIND_TABLE: dict[str, ScoreKind] = {
     "energy": ScoreKind(
@@ -59,11 +65,13 @@ SCORE_KIND_TABLE: dict[str, ScoreKind] = {
         description="-T * logsumexp(logits / T) over foreground classes; higher = more OOD",
     ),
     "mahalanobis": ScoreKind(
+        value_range=(0.0, None),
         needs_fit=True,
         description="min over classes of the Mahalanobis distance to class means (shared "
         "covariance) fitted on data.fit; higher = more OOD",
     ),
     "msp": ScoreKind(
+        value_range=(-1.0, 0.0),
         params={"temperature": Field(Float(gt=0), default=1.0, description="softmax temperature T")},
         tap_point="logits",
         description="-max softmax(logits / T) over foreground classes; higher = more OOD",
@@ -73,10 +81,12 @@ SCORE_KIND_TABLE: dict[str, ScoreKind] = {
         description="-max foreground logit; higher = more OOD",
     ),
     "entropy": ScoreKind(
+        value_range=(0.0, LOG_CLASSES),
         tap_point="logits",
         description="entropy of the softmax over foreground logits; higher = more OOD",
     ),
     "odin": ScoreKind(
+        value_range=(-1.0, 0.0),
         params={"temperature": Field(Float(gt=0), default=1000.0, description="softmax temperature T"),
                 "eps": Field(Float(ge=0), default=0.0014,
                              description="perturbation step on the RoI features")},
@@ -92,6 +102,7 @@ SCORE_KIND_TABLE: dict[str, ScoreKind] = {
         "(Ren et al. 2021), fitted on data.fit; higher = more OOD",
     ),
     "knn": ScoreKind(
+        value_range=(0.0, 2.0),
         params={"k": Field(Int(min=1), default=50, description="which nearest neighbour")},
         needs_fit=True,
         description="distance of the L2-normalised features to the k-th nearest normalised fit "
@@ -129,6 +140,7 @@ SCORE_KIND_TABLE: dict[str, ScoreKind] = {
         "higher = more OOD",
     ),
     "gradnorm": ScoreKind(
+        value_range=(None, 0.0),
         params={"temperature": Field(Float(gt=0), default=1.0, description="softmax temperature T")},
         tap_point="features",
         description="minus the L1 norm of the last layer's gradient of KL(uniform || softmax), "
@@ -145,6 +157,7 @@ SCORE_KIND_TABLE: dict[str, ScoreKind] = {
         "the seed; higher = more OOD",
     ),
     "larem": ScoreKind(
+        value_range=(0.0, None),
         params={"shrinkage": Field(AnyOf((Enum(("ledoit_wolf",)), Float(ge=0, le=1))),
                                    default="ledoit_wolf", description="covariance shrinkage"),
                 "num_classes": Field(AnyOf((Int(min=1), Enum((None,)))), default=None,
@@ -163,6 +176,7 @@ SCORE_KIND_TABLE: dict[str, ScoreKind] = {
         "fitted on data.fit; higher = more OOD",
     ),
     "box_abstraction": ScoreKind(
+        value_range=(0.0, None),
         params={"k": Field(Int(min=1), default=3, description="k-means clusters (boxes) per class"),
                 "gamma": Field(Float(ge=0), default=0.0, description="box enlargement, times its width"),
                 "norm": Field(Enum(("linf", "l2")), default="linf", description="distance outside a box"),
@@ -172,12 +186,14 @@ SCORE_KIND_TABLE: dict[str, ScoreKind] = {
         "(0 inside); higher = more OOD",
     ),
     "activation_pattern": ScoreKind(
+        value_range=(0.0, None),
         tap_point="features",
         needs_fit=True,
         description="Hamming distance of the penultimate ReLU pattern to the nearest fit pattern "
         "of the predicted class (needs the classifier); higher = more OOD",
     ),
     "particul": ScoreKind(
+        value_range=(-1.0, 0.0),
         params={"parts": Field(Int(min=1), default=6, description="part detectors"),
                 "channels": Field(Int(min=1), default=64, description="channels of the RoI map"),
                 "epochs": Field(Int(min=0), default=10, description="training passes over data.fit"),
@@ -187,6 +203,24 @@ SCORE_KIND_TABLE: dict[str, ScoreKind] = {
         needs_fit=True,
         description="minus the mean calibrated confidence of PARTICUL part detectors trained on "
         "box_head.input maps; higher = more OOD",
+    ),
+    "pvalue_fusion": ScoreKind(
+        params={"components": Field(List(Enum(("energy", "mahalanobis", "knn", "residual")), min_items=1),
+                                    default=("energy", "mahalanobis"),
+                                    description="scores combined (distinct): energy, mahalanobis, knn, residual"),
+                "combine": Field(Enum(("fisher", "stouffer", "min")), default="fisher",
+                                 description="how p-values are combined"),
+                "class_conditional": Field(Enum((False, True)), default=True,
+                                           description="p-values against the predicted class's ID boxes"),
+                "folds": Field(Int(min=2, max=20), default=5, description="cross-fitting folds of the reference"),
+                "min_class_boxes": Field(Int(min=1), default=50,
+                                         description="fewer reference boxes of a class: use the pooled reference"),
+                "seed": Field(Int(min=0), default=0, description="seed of the fold split")},
+        tap_point="features",
+        needs_fit=True,
+        description="class-conditional ID-calibrated p-values of energy and Mahalanobis (and optionally "
+        "kNN, ViM residual) on penultimate features (needs the classifier), combined by Fisher's "
+        "method; higher = more OOD",
     ),
 }
 SCORE_KINDS: tuple[str, ...] = tuple(SCORE_KIND_TABLE)
@@ -201,7 +235,7 @@ def _score_record(kind: ScoreKind) -> Record:
 
 
 TORCHVISION_DETECTOR = Record({
-    "kind": Field(Enum(("torchvision",)), required=True),
+    "kind": Field(Enum(("torchvision",)), description="detector kind (DETECTOR requires it)"),
     "arch": Field(Enum(ARCHS), required=True),
     "weights": Field(
         Str(WEIGHTS, " or ".join(f"builtin:{w}" for w in BUILTIN_WEIGHTS)
@@ -219,7 +253,7 @@ TORCHVISION_DETECTOR = Record({
 ONNX_LAYOUTS = ("two_stage", "yolo", "detr")  # certood.detectors.onnx_detector documents each
 TAP_POINT_KEY = "|".join(re.escape(p) for p in TAP_POINTS)
 ONNX_DETECTOR = Record({
-    "kind": Field(Enum(("onnx",)), required=True),
+    "kind": Field(Enum(("onnx",)), description="detector kind (DETECTOR requires it)"),
     "path": Field(Str(r"[^\x00]*\.onnx", "a path ending in .onnx"), required=True,
                   description="the ONNX model, relative to the spec file (run with ONNX Runtime)"),
     "layout": Field(Enum(ONNX_LAYOUTS), default="two_stage",
@@ -250,19 +284,45 @@ DATA_SOURCE = Record({
     "max_images": Field(Int(min=1, max=1_000_000_000), description="use at most this many images"),
 }, one_of=(("digitsdet",), ("annotations", "images")))
 
+# How an OOD set's boxes are labelled (certood.check): "box", every monitored box on its images
+# is OOD (the published VOS protocol); "gt_matched", a box is OOD only if it overlaps
+# (IoU >= 0.5) an object of a category outside the ID ones, ID if it overlaps an ID object,
+# and otherwise left out (counted as unmatched): for sets mixing ID and unknown objects.
+OOD_PROTOCOLS = ("box", "gt_matched")
+OOD_SOURCE = Record({
+    **DATA_SOURCE.fields,
+    "protocol": Field(Enum(OOD_PROTOCOLS), default="box",
+                      description="box: every box on these images is OOD (VOS); gt_matched: OOD only if it "
+                      "overlaps an unknown-class object, ID if it overlaps an ID object, else unmatched"),
+}, one_of=DATA_SOURCE.one_of, description="an OOD data set and how its boxes are labelled")
+
 DATA = Record({
     "fit": Field(DATA_SOURCE, description="ID data the scores are fitted on"),
     "calibration": Field(DATA_SOURCE, required=True, description="ID data the thresholds are set on"),
     "id_test": Field(DATA_SOURCE, description="held-out ID data for metrics"),
-    "ood": Field(Map(DATA_SOURCE, NAME, f"a name matching {NAME}"), description="OOD data sets by name"),
+    "ood": Field(Map(OOD_SOURCE, NAME, f"a name matching {NAME}"), description="OOD data sets by name"),
+    "ood_validation": Field(Map(DATA_SOURCE, NAME, f"a name matching {NAME}"),
+                            description="OOD validation sets by name, for threshold: {fpr, on}; every "
+                            "monitored box on them counts as OOD; never the same data as an OOD test set"),
 })
 
 THRESHOLD = Record({
     "tpr": Field(Float(gt=0, lt=1), default=model.DEFAULT_TPR,
-                 description="ID true-positive rate kept by each score threshold"),
+                 description="ID true-positive rate kept by each score threshold, on the calibration ID boxes"),
+    "fpr": Field(Float(gt=0, lt=1), description="instead of tpr: at most this fraction of the boxes of "
+                 "the OOD validation set `on` stays below each score threshold (unflagged)"),
+    "on": Field(Str(NAME, "the name of a data.ood_validation set"),
+                description="with fpr: the data.ood_validation set the thresholds are set on"),
+    "fixed": Field(Map(Float(), SCORE_NAME, "a score name", min_items=1),
+                   description="instead of tpr: every score's threshold, given (not calibrated)"),
+    "per_class": Field(Enum((False, True)), default=False,
+                       description="also calibrate a threshold per predicted class (t.NAME[class] in the rule), "
+                       f"at the same target on that class's boxes; a class with fewer than "
+                       f"{model.MIN_CLASS_BOXES} boxes gets the global threshold"),
     "detector_score": Field(AnyOf((Enum(("f1",)), Float(ge=0, le=1))), default=model.DEFAULT_DETECTOR_SCORE,
                             description="detector score cut: 'f1' (F1-optimal on calibration data) or a number"),
-})
+}, one_of=(("tpr",), ("fpr", "on"), ("fixed",)), one_of_required=False,
+   description="how score thresholds are set: tpr (default), fpr on an OOD validation set, or fixed")
 
 
 @dataclass(frozen=True)
@@ -367,6 +427,10 @@ TEMPORAL = Record({
 }, description="track-level monitoring of video (needs COCO-video data: images with video_id, frame_id)")
 
 SPEC = Record({
+    "extends": Field(Str(PATH, "a path to a spec file"),
+                     description="a spec file (relative to this one) this spec starts from: its mappings "
+                     "merge under this file's, recursively; lists and other values are replaced; null "
+                     "removes an inherited mapping or list"),
     "version": Field(Enum(SUPPORTED_VERSIONS), required=True, description="spec format version"),
     "detector": Field(DETECTOR, required=True),
     "data": Field(DATA, required=True),
@@ -388,9 +452,35 @@ SPEC = Record({
 
 
 def json_schema() -> dict:
-    """JSON Schema (draft 2020-12) of spec v1, generated from `SPEC` (a fresh dict each call)."""
-    return {
+    """JSON Schema (draft 2020-12) of spec v1, generated from `SPEC` (a fresh dict each call).
+
+    A spec with `extends` may leave anything to its parent, so the top level checks keys and
+    types only ("required" and one-of groups dropped), and the complete schema applies to
+    specs without `extends`.
+    """
+    full = SPEC.json()
+    return factor_repeats({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "certood monitor spec v1",
-        **SPEC.json(),
-    }
+        **_partial(full),
+        "if": {"required": ["extends"]},
+        "else": {"$ref": "#/$defs/complete"},
+        "$defs": {"complete": full},
+    })
+
+
+def _partial(schema, root: bool = True):
+    """`schema` for a spec that extends another: nothing required (it may be inherited), and
+    a mapping or list may be null (which removes the inherited one)."""
+    if isinstance(schema, list):
+        return [_partial(s, False) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    drop = {"required", "oneOf", "dependentRequired", "minProperties"}
+    # "not" (at most one of a record's key groups) still holds in a spec that extends another
+    out = {k: v if k == "not" else _partial(v, False) for k, v in schema.items() if k not in drop}
+    if not root and out.get("type") in ("object", "array"):
+        out["type"] = [out["type"], "null"]
+    elif not root and "anyOf" in out and all(o.get("type") == ["object", "null"] for o in out["anyOf"]):
+        out["anyOf"] = [*out["anyOf"], {"type": "null"}]
+    return out

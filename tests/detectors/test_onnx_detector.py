@@ -3,48 +3,22 @@ detections, per-box features and OOD scores equal the PyTorch adapter's, and the
 head converted back with onnx2torch computes the same logits."""
 from __future__ import annotations
 
-from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
-from torchvision.models.detection.image_list import ImageList
 
 from certood.detectors.onnx_detector import OnnxDetector
 from certood.detectors.torchvision_frcnn import (
-    TorchvisionFasterRCNN, digits_fasterrcnn, postprocess_with_rows,
+    TorchvisionFasterRCNN, digits_fasterrcnn, export_two_stage_onnx,
 )
 from certood.errors import CertoodError
 from certood.scores import Energy, Mahalanobis
 
-# the graph tensors the TorchScript exporter names after the modules of TwoStageExport below
+# the graph tensors the TorchScript exporter names after the modules of TwoStageOnnxModule
 FRCNN_TENSORS = {"box_head.input": "/box_roi_pool/RoiAlign_output_0",
                  "box_head.output": "/box_head/Relu_1_output_0",
                  "cls_logits": "/box_predictor/cls_score/Gemm_output_0"}
-
-
-class TwoStageExport(nn.Module):
-    """The demo Faster R-CNN in certood's ``two_stage`` layout: the torchvision stages (its
-    transform is the identity at 128 px) and NMS carrying each proposal's row."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.backbone = model.backbone
-        self.rpn = model.rpn
-        self.box_roi_pool = model.roi_heads.box_roi_pool
-        self.box_head = model.roi_heads.box_head
-        self.box_predictor = model.roi_heads.box_predictor
-        self.roi_heads = model.roi_heads
-
-    def forward(self, image):
-        batch = ImageList(image, [tuple(image.shape[-2:])])
-        features = OrderedDict([("0", self.backbone(image))])
-        proposals, _ = self.rpn(batch, features)
-        roi = self.box_roi_pool(features, proposals, batch.image_sizes)
-        logits, regression = self.box_predictor(self.box_head(roi))
-        [(boxes, scores, labels, rows)] = postprocess_with_rows(self.roi_heads, logits, regression,
-                                                                proposals, batch.image_sizes)
-        return boxes, labels, scores, rows
 
 
 def _random_model():
@@ -57,10 +31,7 @@ def _random_model():
 
 
 def export_two_stage(model, path, dynamic: bool = True):
-    torch.onnx.export(TwoStageExport(model), (torch.rand(1, 3, 128, 128),), str(path), dynamo=False,
-                      opset_version=17, input_names=["images"],
-                      output_names=["boxes", "labels", "scores", "rows"],
-                      dynamic_axes={"images": {2: "height", 3: "width"}} if dynamic else None)
+    assert export_two_stage_onnx(model, path, dynamic=dynamic) == FRCNN_TENSORS
     return path
 
 
@@ -206,3 +177,102 @@ def test_bounds_on_the_converted_head_equal_those_on_the_pytorch_head(pair, dete
                     for h in (onnx_det.monitored_head(), torch_det.monitored_head()))
         torch.testing.assert_close(got.lower, ref.lower, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(got.upper, ref.upper, rtol=1e-9, atol=1e-9)
+
+
+def test_certood_check_with_an_onnx_detector_spec_matches_the_torchvision_spec(
+        tmp_path, digitsdet_root, random_weights):
+    """A spec with ``kind: onnx`` runs end to end and gives the torchvision spec's boxes and scores."""
+    import json
+    import warnings
+
+    from certood.check import run_check
+    from certood.detectors.torchvision_frcnn import load_detector
+    from certood.spec import load_spec_text
+
+    model = load_detector("digits_fasterrcnn", str(random_weights), 6, box_score_thresh=0.0).model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_two_stage(model, tmp_path / "demo.onnx")
+    data = "\n".join(f"  {k}: {{annotations: {digitsdet_root}/{f}.json, images: {digitsdet_root}/{f}, max_images: 4}}"
+                     for k, f in (("fit", "train"), ("calibration", "val"), ("id_test", "test")))
+    rest = (f"data:\n{data}\n  ood:\n    near: {{annotations: {digitsdet_root}/ood-near.json, "
+            f"images: {digitsdet_root}/ood-near, max_images: 4}}\n"
+            "taps: {penultimate: box_head.output, logits: cls_logits}\n"
+            "scores: {energy: {tap: logits}, maha: {kind: mahalanobis, tap: penultimate}}\n"
+            "threshold: {tpr: 0.9, detector_score: 0.0}\n")
+    onnx_detector = ("detector:\n  kind: onnx\n  path: demo.onnx\n  num_classes: 6\n  score_thresh: 0.0\n"
+                     "  tensors: {" + ", ".join(f'{k}: "{v}"' for k, v in FRCNN_TENSORS.items()) + "}\n")
+    torch_detector = (f"detector: {{kind: torchvision, arch: digits_fasterrcnn, weights: {random_weights}, "
+                      "num_classes: 6, score_thresh: 0.0}\n")
+    results = {}
+    for name, detector in (("onnx", onnx_detector), ("torch", torch_detector)):
+        spec = load_spec_text("version: 1\n" + detector + rest, base_dir=tmp_path)
+        result = run_check(spec, tmp_path / name)
+        boxes = [json.loads(line) for line in (tmp_path / name / "boxes.jsonl").read_text().splitlines()]
+        results[name] = (result, boxes)
+    (onnx_result, onnx_boxes), (torch_result, torch_boxes) = results["onnx"], results["torch"]
+    assert len(onnx_boxes) == len(torch_boxes) > 100
+    by_image = {}
+    for b in torch_boxes:
+        by_image.setdefault((b["dataset"], b["image_id"], b["label"]), []).append(b)
+    for a in onnx_boxes:  # the same box (to 0.01 px) of the same class on the same image
+        [b] = [b for b in by_image[(a["dataset"], a["image_id"], a["label"])]
+               if max(abs(x - y) for x, y in zip(a["box"], b["box"])) <= 0.011]
+        for score in ("energy", "maha"):
+            assert a["scores"][score] == pytest.approx(b["scores"][score], rel=1e-3, abs=1e-3)
+    for score in ("energy", "maha"):
+        assert onnx_result.metrics["ood"]["near"]["scores"][score]["auroc"] == pytest.approx(
+            torch_result.metrics["ood"]["near"]["scores"][score]["auroc"], abs=1e-3)
+    assert onnx_result.metrics["detector_sha256"] != torch_result.metrics["detector_sha256"]
+
+
+@pytest.mark.parametrize("rule", ["energy > t.energy or maha > t.maha", "energy > t.energy[class] or maha > t.maha"])
+def test_detector_and_monitor_export_as_one_graph(pair, detections, tmp_path, rule):
+    """Image in; boxes, scores and flag out; equal to OnnxDetector.detect + Monitor.score_boxes/flag."""
+    import onnxruntime as ort
+
+    from certood.export import export_detector_monitor_onnx
+    from certood.extract import DatasetDetections
+    from certood.monitor import Monitor, score_input
+    from certood.scores import build_score
+    from certood.spec import load_spec_text
+
+    _, onnx_det = pair
+    spec = load_spec_text(
+        'version: 1\ndetector: {kind: onnx, path: x.onnx}\ndata: {fit: {digitsdet: train}, calibration: '
+        '{digitsdet: val}}\ntaps: {penultimate: box_head.output, logits: cls_logits}\nscores:\n'
+        '  energy: {tap: logits}\n  msp: {tap: logits, temperature: 2.0}\n'
+        '  maha: {kind: mahalanobis, tap: penultimate}\nrule: "%s"\n' % rule)
+
+    def as_dataset(dets):
+        return DatasetDetections("x", torch.zeros(sum(map(len, dets)), dtype=torch.long),
+                                 torch.cat([d.boxes for d in dets]), torch.cat([d.labels for d in dets]),
+                                 torch.cat([d.scores for d in dets]),
+                                 {p: torch.cat([d.taps[p] for d in dets]) for p in FRCNN_TENSORS}, 1, 0.0)
+
+    fit = as_dataset(detections[1])
+    scores = {}
+    for name, s in spec.scores.items():
+        scores[name] = build_score(s.kind, s.params)
+        if scores[name].needs_fit:
+            scores[name].fit(score_input(spec, name, fit), fit.labels.unique(return_inverse=True)[1])
+    monitor = Monitor(spec, scores, {}, 0.0, [1, 2, 3, 4, 5], onnx_det.weights_sha256)
+    image = torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(11))
+    [d] = onnx_det.detect([image])
+    expected = monitor.score_boxes(as_dataset([d]))
+    monitor.thresholds.update({k: float(torch.quantile(v.double(), 0.7)) for k, v in expected.items()})
+    if "[class]" in rule:  # a table indexed by the predicted label (0 = background, unused)
+        monitor.class_thresholds["energy"] = [monitor.thresholds["energy"] + 0.01 * k for k in range(6)]
+
+    result = export_detector_monitor_onnx(onnx_det, monitor, tmp_path / "all.onnx")
+    assert result.outputs == ["boxes", "labels", "scores", "rows", "score/energy", "score/msp", "score/maha", "flag"]
+    session = ort.InferenceSession(str(tmp_path / "all.onnx"), providers=["CPUExecutionProvider"])
+    got = dict(zip(result.outputs, session.run(result.outputs, {"images": image[None].numpy()})))
+    torch.testing.assert_close(torch.from_numpy(got["boxes"]), d.boxes)
+    for name, v in expected.items():
+        torch.testing.assert_close(torch.from_numpy(got[f"score/{name}"]).double(), v.double(), rtol=1e-5, atol=1e-5)
+    flags = monitor.flag(expected, d.labels)
+    near = torch.zeros(len(d), dtype=torch.bool)
+    for name, v in expected.items():
+        near |= (v.double() - monitor.thresholds[name]).abs() < 1e-4
+    assert torch.equal(torch.from_numpy(got["flag"])[~near], flags[~near]) and 0 < int(flags.sum()) < len(d)

@@ -189,3 +189,26 @@ def test_torchvision_architectures_build_and_detect(arch):
     assert len(d) == int(fg.sum()) > 0 and torch.equal(d.boxes, ref["boxes"][fg])
     assert torch.equal(d.labels, ref["labels"][fg]) and d.logits.shape == (len(d), 4)
     assert ("head.input" in det.tap_points) == (not arch.startswith("ssdlite"))
+
+
+def test_a_spec_names_a_one_stage_arch_and_only_its_tap_points(tmp_path):
+    from safetensors.torch import save_file
+
+    from certood.check import load_spec_detector
+    from certood.errors import UsageError
+    from certood.spec import load_spec_text
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_onestage("ssdlite320_mobilenet_v3_large", 6)
+    save_file(model.state_dict(), str(tmp_path / "ssd.safetensors"))
+    text = ("version: 1\ndetector: {kind: torchvision, arch: ssdlite320_mobilenet_v3_large, "
+            "weights: ssd.safetensors, num_classes: 6, score_thresh: 0.0}\n"
+            "data: {calibration: {digitsdet: val}}\ntaps: {logits: cls_logits%s}\n"
+            "scores: {energy: {tap: logits}}\n")
+    det = load_spec_detector(load_spec_text(text % "", base_dir=tmp_path))
+    assert isinstance(det, TorchvisionOneStage) and det.model.score_thresh == 0.0
+    [d] = det.detect(_images(4, ((96, 128),)))
+    assert len(d) > 0 and float(d.boxes[:, 2].max()) <= 128 and float(d.boxes[:, 3].max()) <= 96
+    with pytest.raises(UsageError, match=r"feat \(head.input\).*offers: cls_logits"):
+        load_spec_detector(load_spec_text(text % ", feat: head.input", base_dir=tmp_path))

@@ -78,7 +78,7 @@ def test_classifier_and_head_reach_only_the_scores_that_need_them():
     assert not hasattr(m, "weight") and not hasattr(m, "head")
     kinds = {k for k, cls in SCORE_CLASSES.items() if cls.needs_classifier}
     assert kinds == {"vim", "react", "ash", "dice", "gradnorm", "mc_dropout",
-                     "activation_pattern"}
+                     "activation_pattern", "pvalue_fusion"}
     assert {k for k, cls in SCORE_CLASSES.items() if cls.needs_head} == {"odin"}
     gradnorm = build_score("gradnorm").fit(x, classifier=clf)  # copied, not referenced
     clf[0].add_(1)

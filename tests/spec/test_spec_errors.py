@@ -52,7 +52,7 @@ CASES = [
      .replace("calibration: {", "calibration: &cal {"), [("data.calibration", 11, 16), ("data.id_test", 12, 16)]),
     ("billion-laughs", BILLION_LAUGHS, None),  # checked separately below
     ("duplicate-key", variant("  min_size: 128\n", "  min_size: 128\n  min_size: 64\n"), [("detector.min_size", 8, 3)]),
-    ("bool-key", variant("    far:", "    yes:"), [("data.ood", 15, 5)]),
+    ("bool-key", variant("    far:", "    true:"), [("data.ood", 15, 5)]),  # yes/no/on/off keys are names
     ("int-key", variant("taps:\n", "taps:\n  1: cls_logits\n"), [("taps", 17, 3)]),
     ("complex-key", variant("taps:\n", "taps:\n  ? [a, b]\n  : cls_logits\n"), [("taps", 17, 5)]),
     ("deep-nesting", variant("output: {dir: ../runs/demo}", "output: " + "[" * 70 + "]" * 70),
@@ -122,6 +122,36 @@ CASES = [
     ("rule-constant", variant('"energy > t.energy or maha > t.maha"', '"1 > 0"'), [("rule", 24, 8)]),
     ("rule-block-scalar", variant(RULE_LINE, "rule: |\n  energy > t.energy or mah > t.maha\n"), [("rule", 24, 7)]),
     ("rule-escapes", variant(RULE_LINE, 'rule: "energy > t.energy or\\tmah > t.maha"\n'), [("rule", 24, 7)]),
+    # --- per-class thresholds in the rule ---
+    ("rule-class-unclosed", variant("t.energy or", "t.energy[class or"), [("rule", 24, 32)]),
+    ("rule-class-wrong-word", variant("t.energy", "t.energy[cls]"), [("rule", 24, 26)]),
+    ("rule-class-on-score", variant('"energy > t.energy', '"energy[class] > t.energy'), [("rule", 24, 14)]),
+    ("rule-class-undefined", variant("t.maha", "t.mah[class]"), [("rule", 24, 36)]),
+    ("rule-class-without-per-class", variant("t.maha", "t.maha[class]"), [("rule", 24, 36)]),
+    ("rule-class-with-temporal", variant("t.maha", "t.maha[class]").replace("{tpr: 0.95,", "{tpr: 0.95, per_class: true,")
+     .replace("{digitsdet: val}", "{digitsdet: video-val}") + "temporal: {aggregate: max}\n", [("rule", 24, 36)]),
+    # --- consistency (z3): rules that never or always flag ---
+    ("rule-never-flags", variant("energy > t.energy or maha > t.maha", "maha < 0 and energy > t.energy"), [("rule", 24, 8)]),
+    ("rule-always-flags", variant("energy > t.energy or maha > t.maha", "maha >= 0 or energy > t.energy"),
+     [("rule", 24, 8)]),
+    ("rule-contradiction", variant("or maha > t.maha", "and energy < t.energy - 1"), [("rule", 24, 8)]),
+    # --- thresholds and OOD validation data ---
+    ("threshold-two-methods", variant("{tpr: 0.95,", "{tpr: 0.95, fixed: {energy: 1, maha: 2},"), [("threshold.fixed", 23, 24)]),
+    ("threshold-fpr-without-on", variant("{tpr: 0.95,", "{fpr: 0.05,"), [("threshold.on", 23, 1)]),
+    ("threshold-fpr-on-test-set", variant("{tpr: 0.95,", "{fpr: 0.05, on: far,"), [("threshold.on", 23, 28)]),
+    ("threshold-fpr-on-unknown", variant("{tpr: 0.95,", "{fpr: 0.05, on: val,"), [("threshold.on", 23, 28)]),
+    ("ood-validation-is-test-data", variant("  ood:\n", "  ood_validation: {v: {digitsdet: ood-far}}\n  ood:\n")
+     .replace("{tpr: 0.95,", "{fpr: 0.05, on: v,"), [("data.ood_validation.v", 13, 20)]),
+    ("threshold-fixed-missing-score", variant("{tpr: 0.95,", "{fixed: {energy: -3},"), [("threshold.fixed", 23, 20)]),
+    ("threshold-fixed-unknown-score", variant("{tpr: 0.95,", "{fixed: {energy: -3, maha: 9, knn: 1},"),
+     [("threshold.fixed.knn", 23, 42)]),
+    ("threshold-fixed-per-class", variant("{tpr: 0.95,", "{fixed: {energy: -3, maha: 9}, per_class: true,"),
+     [("threshold.per_class", 23, 54)]),
+    ("threshold-per-class-not-bool", variant("{tpr: 0.95,", "{tpr: 0.95, per_class: 1,"), [("threshold.per_class", 23, 35)]),
+    # --- extends ---
+    ("extends-not-a-string", "extends: 3\n" + DEMO, [("extends", 1, 10)]),
+    ("extends-empty", "extends: ''\n" + DEMO, [("extends", 1, 10)]),
+    ("extends-missing-file", "extends: no-such-parent.yaml\n" + DEMO, [("extends", 1, 10)]),
     # --- several independent errors in one file are all reported ---
     ("three-errors", variant("version: 1", "version: 7").replace("min_size: 128", "min_size: big")
      .replace("t.maha", "t.mah"), [("version", 1, 10), ("detector.min_size", 7, 13), ("rule", 24, 36)]),
@@ -139,7 +169,7 @@ def test_malformed_spec_is_located(text, expected):
 
 
 def test_corpus_is_large_enough():
-    assert len(CASES) >= 25
+    assert len(CASES) >= 40
 
 
 def test_billion_laughs_is_rejected_fast():
@@ -165,7 +195,7 @@ def test_messages_say_expected_found_and_hint():
     split = issue(variant("ood-near}", "ood_near}"))
     assert split.expected.startswith("one of: train, val, test, ood-near, ood-far, mixed")
     point = issue(variant("roi: box_head.input", "roi: box_head"))
-    assert point.expected == "one of: box_head.input, box_head.output, cls_logits"
+    assert point.expected == "one of: box_head.input, box_head.output, cls_logits, head.input, head.cls_features"
     tap = issue(variant("tap: penultimate", "tap: penultimat"))
     assert "roi, penultimate, logits" in tap.expected and tap.hint == "did you mean 'penultimate'?"
     boolean = issue(variant("{digitsdet: val}", "{digitsdet: off}"))

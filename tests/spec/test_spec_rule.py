@@ -119,3 +119,102 @@ def test_limits_turn_pathological_rules_into_problems():
 def test_score_ref_positions():
     tree = parse_rule("x > 1 or  yy > 2").tree
     assert tree.operands[1].left == ScoreRef("yy", 10)
+
+
+# --- per-class thresholds: t.NAME[class] ---------------------------------------------------
+def test_class_threshold_parses_and_is_a_number():
+    from certood.spec.rule import ClassThresholdRef, render
+
+    rule = parse_rule("maha > t.maha[class] or maha > 2 * t.maha")
+    assert rule.class_threshold_names() == {"maha"} and rule.threshold_names() == {"maha"}
+    assert rule.tree.operands[0].right == ClassThresholdRef("maha", 7)
+    assert render(rule.tree) == "maha > t.maha[class] or maha > 2 * t.maha"
+    assert parse_rule("class > t.class[class]").names() == {"class"}  # `class` is a keyword only in [ ]
+
+
+@pytest.mark.parametrize("source, pos, found", [
+    ("m > t.m[", 8, "the end of the rule"),
+    ("m > t.m[cls]", 8, "'cls'"),
+    ("m > t.m[class", 13, "the end of the rule"),
+    ("m > t.m[0]", 8, "'0'"),
+    ("m > t.m[class]]", 14, "']'"),
+    ("m[class] > t.m", 1, "'['"),
+    ("m > t.m[[class]]", 8, "'['"),
+    ("m > t[class]", 5, "'['"),
+])
+def test_class_threshold_syntax_errors_are_located(source, pos, found):
+    with pytest.raises(RuleProblem) as info:
+        parse_rule(source)
+    assert (info.value.pos, info.value.found) == (pos, found)
+
+
+def test_score_indexed_by_class_gets_a_hint():
+    with pytest.raises(RuleProblem) as info:
+        parse_rule("maha[class] > 1")
+    assert info.value.hint == "only thresholds are per class: write t.maha[class]"
+
+
+def test_check_rule_resolves_class_threshold_names():
+    rule, problems = check_rule("maha > t.mah[class]", {"maha"})
+    assert rule is None and [(p.pos, p.found, p.hint) for p in problems] == [
+        (7, "'t.mah[class]'", "did you mean 'maha'?")]
+
+
+def test_evaluate_reads_each_boxs_class_threshold():
+    rule = parse_rule("m > t.m[class] or e > t.e")
+    scores = {"m": torch.tensor([1.0, 1.0, 1.0, 5.0]), "e": torch.tensor([0.0, 0.0, 9.0, 0.0])}
+    thresholds = {"e": 1.0, "m[class]": torch.tensor([0.0, 0.5, 2.0])}  # index: predicted label
+    labels = torch.tensor([1, 2, 2, 2])
+    assert rule.evaluate(scores, thresholds, labels).tolist() == [True, False, True, True]
+    assert rule.evaluate(scores, {"e": 1.0, "m[class]": [0.0, 0.5, 2.0]}, labels.tolist()).tolist() == \
+        [True, False, True, True]  # plain sequences too
+
+
+def test_evaluate_class_thresholds_match_python_reference():
+    gen = torch.Generator().manual_seed(1)
+    m = torch.randn(300, generator=gen, dtype=torch.float64)
+    labels = torch.randint(1, 4, (300,), generator=gen)
+    table = [9.9, -0.5, 0.0, 0.7]
+    flags = parse_rule("m > t.m[class] and m > t.m").evaluate({"m": m}, {"m": -0.2, "m[class]": table}, labels)
+    assert flags.tolist() == [a > table[c] and a > -0.2 for a, c in zip(m.tolist(), labels.tolist())]
+
+
+def test_evaluate_without_labels_or_table_says_what_is_missing():
+    rule = parse_rule("m > t.m[class]")
+    with pytest.raises(KeyError, match=r"t\.m\[class\]"):
+        rule.evaluate({"m": torch.zeros(2)}, {"m": 1.0})  # only global thresholds
+    with pytest.raises(ValueError, match="labels"):
+        rule.evaluate({"m": torch.zeros(2)}, {"m[class]": [0.0, 1.0]})
+    with pytest.raises(ValueError, match=r"labels in \[0, 1\]"):
+        rule.evaluate({"m": torch.zeros(2)}, {"m[class]": [0.0, 1.0]}, torch.tensor([1, 2]))
+
+
+def test_global_only_callers_are_unchanged():
+    rule = parse_rule("e > t.e")
+    assert rule.evaluate({"e": torch.tensor([1.0, 3.0])}, {"e": 2.0}).tolist() == [False, True]
+    assert rule.evaluate({"e": torch.tensor([1.0, 3.0])}, {"e": 2.0}, torch.tensor([1, 1])).tolist() == [False, True]
+    assert rule.evaluate({"e": torch.empty(0)}, {"e": 2.0}).shape == (0,)
+    flags = parse_rule("e > t.e[class]").evaluate({"e": torch.empty(0)}, {"e[class]": [0.0]}, torch.empty(0))
+    assert flags.shape == (0,)
+
+
+@pytest.mark.parametrize("source", [
+    "a > 1 or not (b + 2 * c <= t.b[class])", "-(a - b) / 2 > t.a and (a > 1 or b > 2)",
+    "not not a > 1e-07", "a - (b - c) > 0", "(a > 1 and b > 2) or c > 3",
+])
+def test_render_round_trips(source):
+    from certood.spec.rule import render
+
+    tree = parse_rule(source).tree
+    assert _strip(parse_rule(render(tree)).tree) == _strip(tree)
+
+
+def _strip(node):
+    """A tree without positions, for comparing structure."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(node):
+        return node
+    return tuple([type(node).__name__] + [
+        tuple(_strip(x) for x in v) if isinstance(v, tuple) else _strip(v)
+        for k, v in ((f.name, getattr(node, f.name)) for f in dataclasses.fields(node)) if k != "pos"])
