@@ -108,9 +108,16 @@ def calibrate(ctx: click.Context, spec_path: Path, out: Path | None) -> None:
         detector = load_spec_detector(spec)
         monitor, _ = calibrate_monitor(spec, detector, detector.num_classes, progress=_progress)
         save_monitor(monitor, target)
-        click.echo(f"monitor written to {target}", err=True)
+        click.echo(f"monitor written to {target}; thresholds at {spec.threshold.describe()}", err=True)
+        fallbacks = [c for c, r in monitor.calibration.get("threshold", {}).get("classes", {}).items() if r["fallback"]]
         for name, t in monitor.thresholds.items():
-            click.echo(f"  {name}: threshold {t:.4f}", err=True)
+            per_class = monitor.class_thresholds.get(name)
+            extra = (" (per class: " + ", ".join(f"{c}={v:.4f}" for c, v in enumerate(per_class) if c) + ")"
+                     if per_class else "")
+            click.echo(f"  {name}: threshold {t:.4f}{extra}", err=True)
+        if fallbacks:
+            click.echo(f"  classes {', '.join(fallbacks)}: fewer than {monitor.calibration['threshold']['min_class_boxes']} "
+                       "boxes, global thresholds used", err=True)
     _run(work, ctx.obj["debug"])
 
 

@@ -166,3 +166,19 @@ def test_fixed_thresholds_and_metrics_record(make, detector, tmp_path):
     manifest = read_manifest(tmp_path / "out" / "monitor")
     assert manifest["threshold_rule"] == {"method": "fixed", "per_class": False}
     assert result.n_boxes > 0
+
+
+def test_calibrate_command_prints_method_and_class_thresholds(digitsdet_root, random_weights, tmp_path):
+    from click.testing import CliRunner
+
+    from certood.cli import main
+
+    spec_path = tmp_path / "m.yaml"
+    spec_path.write_text(TEMPLATE.format(weights=random_weights, root=digitsdet_root,
+                                         threshold="{tpr: 0.9, per_class: true, detector_score: 0.0}",
+                                         rule="energy > t.energy[class] or maha > t.maha"))
+    result = CliRunner().invoke(main, ["calibrate", str(spec_path), "-o", str(tmp_path / "mon")])
+    assert result.exit_code == 0, result.output
+    assert "thresholds at 90% ID TPR on calibration boxes, per predicted class" in result.output
+    assert "energy: threshold" in result.output and "(per class: 1=" in result.output
+    assert read_manifest(tmp_path / "mon")["class_thresholds"].keys() == {"energy", "maha"}

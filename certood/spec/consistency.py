@@ -30,9 +30,7 @@ import time
 from dataclasses import dataclass
 from fractions import Fraction
 
-from certood.spec.rule import (
-    Arith, ClassThresholdRef, Compare, Logic, Neg, Not, Num, Rule, ScoreRef, ThresholdRef, render,
-)
+from certood.spec.rule import ClassThresholdRef, Logic, Neg, Not, Num, Rule, ScoreRef, ThresholdRef, render
 
 QUERY_TIMEOUT_MS = 200  # one z3 query
 BUDGET_S = 1.5  # every query of one rule together: redundancy checks stop when it is spent
@@ -167,15 +165,13 @@ class _Checker:
             formula = self.encode(self.rule.tree, {})
         except (self.z3.Z3Exception, ValueError, OverflowError):
             return []
-        shown = render(self.rule.tree)
+        shown, hint = render(self.rule.tree), self._hint("check the comparisons' directions and constants")
         if self.unsat(formula):
-            return [ConsistencyProblem(0, "error", "a rule that can flag some box",
-                                       f"'{shown}', which no value in the scores' ranges satisfies: the rule never flags",
-                                       self._hint("check the comparisons' directions and constants"))]
+            return [ConsistencyProblem(0, "error", "a rule that can flag some box", f"'{shown}', which no value "
+                                       "in the scores' ranges satisfies: the rule never flags", hint)]
         if self.unsat(self.z3.Not(formula)):
-            return [ConsistencyProblem(0, "error", "a rule that can leave some box unflagged",
-                                       f"'{shown}', which every value in the scores' ranges satisfies: "
-                                       "the rule always flags", self._hint("check the comparisons' directions and constants"))]
+            return [ConsistencyProblem(0, "error", "a rule that can leave some box unflagged", f"'{shown}', which "
+                                       "every value in the scores' ranges satisfies: the rule always flags", hint)]
         return self._redundant(formula)
 
     def _hint(self, advice: str) -> str:
@@ -225,8 +221,10 @@ def _clause_problem(op: str, clause, constant: bool) -> ConsistencyProblem:
     text = render(clause)
     hint = "it never changes the flag: remove it, or fix its comparison"
     if op == "or":
-        why = "which never holds in the scores' ranges" if constant else "which the rest of the rule covers whenever it holds"
-        return ConsistencyProblem(clause.pos, "warning", "a disjunct that can change the flag", f"'{text}', {why}", hint)
+        why = ("which never holds in the scores' ranges" if constant
+               else "which the rest of the rule covers whenever it holds")
+        return ConsistencyProblem(clause.pos, "warning", "a disjunct that can change the flag", f"'{text}', {why}",
+                                  hint)
     why = "which always holds in the scores' ranges" if constant else "which the rest of the rule implies"
     return ConsistencyProblem(clause.pos, "warning", "a conjunct that can change the flag", f"'{text}', {why}", hint)
 

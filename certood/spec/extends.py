@@ -3,13 +3,14 @@
 The parent is read as strictly as the spec itself (nothing is imported or run), relative to
 the file that names it, and may extend another file in turn. Merging: the child's mappings
 merge over the parent's, recursively; lists and scalars replace the parent's value; a null
-removes an inherited mapping or list (a data set, a section, the gate list). Where the schema offers a choice, the child's choice replaces the
-parent's: a threshold method (tpr / fpr + on / fixed) or a data source form (digitsdet /
-annotations + images) drops the parent's other keys, and another `kind` (of the detector,
-of a score) replaces the whole entry. Every merged value keeps the position, and the file, it was
-written at (`Loc.file`), so an error in an inherited value names the parent's
-file:line:col. A missing parent, a cycle (reported with its chain) or a parent that is not
-valid YAML is an error at the `extends` value that leads there.
+removes an inherited mapping or list (a data set, a section, the gate list). Where the
+schema offers a choice, the child's choice replaces the parent's: a threshold method (tpr /
+fpr + on / fixed) or a data source form (digitsdet / annotations + images) drops the
+parent's other keys, and another `kind` (of the detector, of a score) replaces the whole
+entry. Every merged value keeps the position, and the file, it was written at (`Loc.file`),
+so an error in an inherited value names the parent's file:line:col. A missing parent, a
+cycle (reported with its chain) or a parent that is not valid YAML is an error at the
+`extends` value that leads there.
 
 >>> import tempfile, pathlib
 >>> d = pathlib.Path(tempfile.mkdtemp())

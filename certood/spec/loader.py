@@ -29,7 +29,7 @@ from certood.spec.consistency import check_rule_consistency, describe_range, sco
 from certood.spec.extends import read_spec_document, rebase_paths
 from certood.spec.model import DEFAULT_DETECTOR_SCORE, DEFAULT_TPR
 from certood.spec.policy import GateNames, build_policies, check_policy_entries, conflicts
-from certood.spec.rule import ClassThresholdRef, Rule, RuleProblem, check_rule
+from certood.spec.rule import ClassThresholdRef, Rule, check_rule
 from certood.spec.schema import Collector, Problem, closest, did_you_mean
 from certood.spec.source import LINE_BREAK, Document, Loc, key_path_str, read_yaml
 from certood.spec.v1 import (
@@ -393,10 +393,12 @@ def _check_threshold(norm, ctx: Collector) -> list[Problem]:
         kinds = {n: s["kind"] for n, s in scores.items() if isinstance(s, dict)}
         for name, r in score_ranges(kinds, detector.get("num_classes")).items():
             value = fixed.get(name)
-            if isinstance(value, float) and ((r[0] is not None and value < r[0]) or (r[1] is not None and value >= r[1])):
-                warnings.append(Problem(("threshold", "fixed", name), f"a threshold inside the range of {describe_range(name, r)}",
-                                        f"{value:g}", f"{name} > t.{name} is then "
-                                        + ("always true" if r[0] is not None and value < r[0] else "never true")))
+            below, above = (isinstance(value, float) and r[0] is not None and value < r[0],
+                            isinstance(value, float) and r[1] is not None and value >= r[1])
+            if below or above:
+                warnings.append(Problem(("threshold", "fixed", name),
+                                        f"a threshold inside the range of {describe_range(name, r)}", f"{value:g}",
+                                        f"{name} > t.{name} is then " + ("always true" if below else "never true")))
     if threshold.get("per_class") is True and isinstance(fixed, dict):
         ctx.add(("threshold", "per_class"), "per_class with calibrated thresholds (tpr or fpr)", "fixed thresholds",
                 "remove per_class, or calibrate the thresholds")

@@ -387,8 +387,8 @@ class _Parser:
             self.take()
             inner_kind, inner, inner_pos = self.take()
             if (inner_kind, inner) != ("name", CLASS):
-                raise RuleProblem(inner_pos, f"'{CLASS}' (t.{name}[{CLASS}] is the threshold of the box's predicted class)",
-                                  _found((inner_kind, inner, inner_pos)))
+                raise RuleProblem(inner_pos, f"'{CLASS}' (t.{name}[{CLASS}] is the threshold of the box's "
+                                  "predicted class)", _found((inner_kind, inner, inner_pos)))
             if not self.at("]"):
                 raise RuleProblem(self.peek()[2], "']'", _found(self.peek()))
             self.take()
