@@ -204,6 +204,16 @@ def compare_fusion(results: dict, getters: dict, n_boot: int) -> dict:
     return out
 
 
+def fusion_verdict(fusion: dict, sets: tuple[str, ...] = ("near", "far")) -> dict:
+    """Whether the fusion beats the best other score on every one of ``sets`` (AUROC)."""
+    present = [s for s in sets if s in fusion] or list(fusion)
+    return {"sets": present,
+            "disjoint_auroc_near_and_far": bool(present) and all(
+                fusion[s]["auroc"]["cis_disjoint_in_favour"] for s in present),
+            "paired_auroc_near_and_far": bool(present) and all(fusion[s]["auroc"]["paired_better"] for s in present),
+            "paired_auroc_by_set": {s: "yes" if e["auroc"]["paired_better"] else "no" for s, e in fusion.items()}}
+
+
 def costs(parts: dict) -> dict:
     det = sum(p["detector_seconds"] for p in parts.values())
     n_boxes = sum(len(p["dets"]) for p in parts.values())
@@ -279,7 +289,12 @@ def render_markdown(record: dict) -> str:
                              f"{_ci(d['fusion_value'], d['fusion_ci'])} | {'yes' if d['cis_disjoint_in_favour'] else 'no'} | "
                              f"{d['fusion_value'] - d['best_other_value']:+.3f} [{d['paired_diff_ci'][0]:+.3f}, "
                              f"{d['paired_diff_ci'][1]:+.3f}] |")
-        lines.append("")
+        v = record["fusion_verdict"]
+        lines += ["", f"Beats the best other score on both near and far OOD with disjoint 95% intervals "
+                      f"(AUROC): **{'yes' if v['disjoint_auroc_near_and_far'] else 'no'}**; with a paired "
+                      f"interval of the AUROC difference above 0: "
+                      f"**{'yes' if v['paired_auroc_near_and_far'] else 'no'}** "
+                      f"(per set: {', '.join(f'{k} {x}' for k, x in v['paired_auroc_by_set'].items())}).", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -308,7 +323,7 @@ def parse_args(argv):
     p.add_argument("--scores", default=None, metavar="ROW,ROW",
                    help="only these table rows (score kinds or variants); default: all")
     p.add_argument("--n-boot", type=int, default=1000)
-    p.add_argument("--timing-repeats", type=int, default=3)
+    p.add_argument("--timing-repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ood_table")
     return p.parse_args(argv)
@@ -411,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         "fusion": compare_fusion(results, getters, args.n_boot),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
+    record["fusion_verdict"] = fusion_verdict(record["fusion"])
     record["seconds"] = round(time.perf_counter() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

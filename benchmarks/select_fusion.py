@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         sets[s] = {"images": dets.n_images, "boxes": len(dets), "object_coverage": object_coverage(dets, dataset)}
         results[s] = {k: ood_metrics(id_values[k], values[k]) for k in rows}
     winner, best = choose(results)
-    record = {"command": "OMP_NUM_THREADS=2 .venv/bin/python benchmarks/select_fusion.py "
-                         + " ".join(argv if argv is not None else sys.argv[1:]),
+    record = {"command": ("OMP_NUM_THREADS=2 .venv/bin/python benchmarks/select_fusion.py "
+                          + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
               "seconds": round(time.perf_counter() - start, 1), "detector_sha256": detector.weights_sha256,
               "detector_threshold": monitor.detector_threshold, "sets": sets, "candidates": CANDIDATES,
               "results": results, "winner": winner, "winner_params": CANDIDATES[winner],

@@ -925,4 +925,18 @@ def certify_metrics(options, results: dict[str, CertifyResult],
              "domain": options.domain, "seconds_per_box": seconds / n if n else None}
     if detector_seconds_per_image:
         about["to_detector_ratio"] = (seconds / n) / detector_seconds_per_image if n else None
+    about["versions"] = _versions()
     return per_set, about
+
+
+def _versions() -> dict[str, str | None]:
+    """Versions of what a certificate rests on (bound propagation, the exact solver)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in ("auto_LiRPA", "z3-solver", "torch"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out

@@ -55,8 +55,18 @@ def fit_class_gaussians(features: Tensor, labels: Tensor,
     return means, precision
 
 
-def mahalanobis_score(features: Tensor, means: Tensor, precision: Tensor) -> Tensor:
-    """``min_c (x - mu_c)^T P (x - mu_c)`` over classes with finite means; float64 ``[N]``."""
+def precision_factor(precision: Tensor) -> Tensor:
+    """``L = V sqrt(max(w, 0))`` with ``P = V diag(w) V^T``, so ``P = L L^T`` (float64 ``[D, D]``)."""
+    w, v = torch.linalg.eigh(precision.to(torch.float64))
+    return v * w.clamp(min=0).sqrt()
+
+
+def mahalanobis_score(features: Tensor, means: Tensor, precision: Tensor,
+                      factor: Tensor | None = None) -> Tensor:
+    """``min_c (x - mu_c)^T P (x - mu_c)`` over classes with finite means; float64 ``[N]``.
+
+    ``factor``: :func:`precision_factor` of ``precision``, when the caller keeps it (it costs an
+    eigendecomposition per call otherwise)."""
     x = features.to(torch.float64)
     means = means.to(device=x.device, dtype=torch.float64)
     precision = precision.to(device=x.device, dtype=torch.float64)
@@ -70,8 +80,7 @@ def mahalanobis_score(features: Tensor, means: Tensor, precision: Tensor) -> Ten
         raise CertoodError("mahalanobis_score: expected at least one class with a finite mean, "
                            "found none")
     # P = L L^T with L = V sqrt(w): distances become plain squared norms (no cancellation).
-    w, v = torch.linalg.eigh(precision)
-    factor = v * w.clamp(min=0).sqrt()
+    factor = precision_factor(precision) if factor is None else factor.to(device=x.device, dtype=torch.float64)
     xl, ml = x @ factor, means @ factor
     dist = torch.stack([((xl - m) ** 2).sum(dim=1) for m in ml], dim=1)
     return dist.min(dim=1).values
@@ -127,7 +136,9 @@ class Mahalanobis(Score):
         self.feature_dim = features.shape[1]
 
     def _score(self, features: Tensor) -> Tensor:
-        return mahalanobis_score(features, self.means, self.precision).to(features.dtype)
+        if getattr(self, "_factor_of", None) is not self.precision:  # cached per fitted precision
+            self._factor, self._factor_of = precision_factor(self.precision), self.precision
+        return mahalanobis_score(features, self.means, self.precision, self._factor).to(features.dtype)
 
     def state_tensors_spec(self) -> tuple[str, ...]:
         return self._STATE

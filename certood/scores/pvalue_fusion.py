@@ -50,7 +50,7 @@ from certood.errors import ArtifactError, CertoodError
 from certood.scores.base import Score, check_choice, check_features, check_int, check_state_shapes
 from certood.scores.energy import energy_score
 from certood.scores.knn import knn_score, l2_normalise
-from certood.scores.mahalanobis import fit_class_gaussians, mahalanobis_score
+from certood.scores.mahalanobis import fit_class_gaussians, mahalanobis_score, precision_factor
 from certood.scores.vim import fit_vim
 
 COMPONENTS = ("energy", "mahalanobis", "knn", "residual")
@@ -144,7 +144,9 @@ class PValueFusion(Score):
             if name == "energy":
                 cols.append(energy_score(logits))
             elif name == "mahalanobis":
-                cols.append(mahalanobis_score(x, parts["means"], parts["precision"]))
+                if "factor" not in parts:  # kept beside the precision, never saved
+                    parts["factor"] = precision_factor(parts["precision"])
+                cols.append(mahalanobis_score(x, parts["means"], parts["precision"], parts["factor"]))
             elif name == "knn":
                 cols.append(knn_score(x.to(torch.float32), parts["bank"], KNN_K).to(torch.float64))
             else:

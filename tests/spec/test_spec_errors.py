@@ -175,7 +175,8 @@ def test_corpus_is_large_enough():
 def test_billion_laughs_is_rejected_fast():
     start = time.perf_counter()
     _, issues = check_spec_text(BILLION_LAUGHS, "bomb.yaml")
-    assert time.perf_counter() - start < 0.5
+    # a hang guard, not a speed test: expanding the bomb would take minutes and gigabytes
+    assert time.perf_counter() - start < 10
     found = [i.found for i in issues]
     assert [f for f in found if f.startswith("anchor")] == [f"anchor &a{i}" for i in range(10)]
     assert [f for f in found if f.startswith("alias")] == [f"alias *a{i}" for i in range(9)]
