@@ -228,13 +228,20 @@ def generate_digitsdet(out_dir: Path, seed: int = 0, sizes: dict[str, int] | Non
     """Generate the splits into ``out_dir`` (written to a temp dir, then moved in place)."""
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     glyphs = load_glyphs(seed)
+    return write_splits_atomically(
+        out_dir, splits, lambda split, tmp: generate_split(split, sizes[split], glyphs, tmp, seed),
+        {"seed": seed, "sizes": sizes})
+
+
+def write_splits_atomically(out_dir: Path, splits, make_split, complete: dict) -> Path:
+    """Build every split in a temp dir beside ``out_dir`` (``make_split(split, tmp)`` writes
+    its images and returns its COCO dict), mark it COMPLETE, then move it in place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     try:
         for split in splits:
-            coco = generate_split(split, sizes[split], glyphs, tmp, seed)
-            (tmp / f"{split}.json").write_text(json.dumps(coco))
-        (tmp / "COMPLETE").write_text(json.dumps({"seed": seed, "sizes": sizes}))
+            (tmp / f"{split}.json").write_text(json.dumps(make_split(split, tmp)))
+        (tmp / "COMPLETE").write_text(json.dumps(complete))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

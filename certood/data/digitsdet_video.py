@@ -29,10 +29,6 @@ The whole dataset is a deterministic function of the seed, and each video of its
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +37,7 @@ from PIL import Image
 
 from certood.data.digitsdet import (
     CANVAS, ID_DIGITS, UNKNOWN_CATEGORY_ID, Glyph, _categories, _category_of, _patch,
-    default_cache_dir, load_glyphs, split_paths,
+    default_cache_dir, load_glyphs, split_paths, write_splits_atomically,
 )
 from certood.errors import CertoodError
 
@@ -354,20 +350,10 @@ def generate_digitsdet_video(out_dir: Path, seed: int = 0, sizes: dict[str, int]
     ``sizes``: videos per split."""
     sizes = {**DEFAULT_VIDEOS, **(sizes or {})}
     sources = video_sources(load_glyphs(seed))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    try:
-        for split in splits:
-            coco = generate_video_split(split, sizes[split], sources, tmp, seed, n_frames)
-            (tmp / f"{split}.json").write_text(json.dumps(coco))
-        (tmp / "COMPLETE").write_text(json.dumps({"seed": seed, "sizes": sizes, "n_frames": n_frames}))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return write_splits_atomically(
+        out_dir, splits,
+        lambda split, tmp: generate_video_split(split, sizes[split], sources, tmp, seed, n_frames),
+        {"seed": seed, "sizes": sizes, "n_frames": n_frames})
 
 
 def ensure_digitsdet_video(seed: int = 0, cache_dir: Path | None = None) -> Path:

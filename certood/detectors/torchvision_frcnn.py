@@ -196,12 +196,7 @@ class TorchvisionFasterRCNN:
     def detect(self, images: list[torch.Tensor]) -> list[Detections]:
         """Run the detector on float CHW images in [0, 1]; one :class:`Detections` per image."""
         m = self.model
-        images = [img.to(self.device) for img in images]
-        original_sizes = [tuple(img.shape[-2:]) for img in images]
-        batch, _ = m.transform(images)
-        features = m.backbone(batch.tensors)
-        if isinstance(features, torch.Tensor):
-            features = OrderedDict([("0", features)])
+        batch, features, original_sizes = run_backbone(m, images, self.device)
         proposals, _ = m.rpn(batch, features)
         rh = m.roi_heads
         roi = rh.box_roi_pool(features, proposals, batch.image_sizes)
@@ -219,6 +214,17 @@ class TorchvisionFasterRCNN:
                 taps={k: v[rows].cpu() for k, v in taps.items()},
             ))
         return results
+
+
+def run_backbone(model, images: list[torch.Tensor], device: str):
+    """torchvision's transform + backbone: (image batch, feature maps by name, original sizes)."""
+    images = [img.to(device) for img in images]
+    original_sizes = [tuple(img.shape[-2:]) for img in images]
+    batch, _ = model.transform(images)
+    features = model.backbone(batch.tensors)
+    if isinstance(features, torch.Tensor):
+        features = OrderedDict([("0", features)])
+    return batch, features, original_sizes
 
 
 def _resize_boxes(boxes: torch.Tensor, resized: tuple[int, int], original: tuple[int, int]) -> torch.Tensor:

@@ -26,7 +26,6 @@ tower's map, so the logits are not a function of one box's feature vector: there
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +36,7 @@ from torchvision.models.detection.ssd import SSD
 from torchvision.ops import boxes as box_ops
 
 from certood.detectors.base import Detections
+from certood.detectors.torchvision_frcnn import run_backbone
 from certood.errors import CertoodError
 
 ONESTAGE_ARCHS = ("retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn",
@@ -141,12 +141,7 @@ class TorchvisionOneStage:
     def detect(self, images: list[torch.Tensor]) -> list[Detections]:
         """Run the detector on float CHW images in [0, 1]; one :class:`Detections` per image."""
         m = self.model
-        images = [img.to(self.device) for img in images]
-        original_sizes = [tuple(img.shape[-2:]) for img in images]
-        batch, _ = m.transform(images)
-        features = m.backbone(batch.tensors)
-        if isinstance(features, torch.Tensor):
-            features = OrderedDict([("0", features)])
+        batch, features, original_sizes = run_backbone(m, images, self.device)
         features = list(features.values())
         head = self._head(features)
         anchors = m.anchor_generator(batch, features)
