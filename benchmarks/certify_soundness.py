@@ -37,6 +37,17 @@ RESULTS = ROOT / "benchmarks" / "results" / "certify_soundness.json"
 STEPS, RESTARTS = 50, 2
 
 
+def shrink_bounds(fraction: float) -> None:
+    """Replace every score bound by one ``fraction`` of its width too tight at each end."""
+    from certood import certify
+
+    for kind, sound in list(certify.BOUNDERS.items()):
+        def bound(score, lo, hi, dim, _sound=sound):
+            a, b = _sound.bound(score, lo, hi, dim)
+            return a + fraction * (b - a), b - fraction * (b - a)
+        certify.BOUNDERS[kind] = certify.ScoreBounder(sound.rows, bound, sound.abs_pad)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", type=Path, default=ROOT / "specs" / "certified.yaml")
@@ -44,7 +55,12 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=60, help="images per data set")
     parser.add_argument("--points", type=int, default=100_000, help="attacked points in all, at least")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--shrink", type=float, default=0.0,
+                        help="make every score bound unsound on purpose: shrink it by this fraction of its "
+                             "width (the attack must then find violations)")
     args = parser.parse_args(argv)
+    if args.shrink:
+        shrink_bounds(args.shrink)
 
     start = time.perf_counter()
     spec = load_spec(args.spec)
@@ -98,7 +114,7 @@ def main(argv=None) -> int:
     out = {
         "command": "python benchmarks/certify_soundness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "spec": str(args.spec), "detector_sha256": detector.weights_sha256, "certify": about,
-        "images_per_set": args.images, "certificates": per_set, "samples_per_box": n_samples,
+        "images_per_set": args.images, "shrink": args.shrink, "certificates": per_set, "samples_per_box": n_samples,
         "pgd": {"steps": STEPS, "restarts": RESTARTS}, "attack": attacked,
         "attack_seconds": round(time.perf_counter() - attack_start, 1),
         "total_seconds": round(time.perf_counter() - start, 1),
