@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from certood.data.coco import CocoDataset
-from certood.errors import CertoodError, DataError
+from certood.errors import DataError
 from certood.extract import DatasetDetections, Detector, ProgressFactory, extract_detections
 from certood.metrics import f1_optimal_threshold, gt_match_status, match_detections, match_to_any_class
 from certood.scores import Score, build_score
@@ -232,15 +232,3 @@ def set_thresholds(spec: Spec, detector: Detector, scores: dict[str, Score], cal
     dets = extract_detections(detector, dataset, taps, progress=progress)
     dets = dets.select(dets.det_scores >= det_threshold)
     return {k: score.score(score_input(spec, k, dets)) for k, score in scores.items()}, dets.labels
-
-
-def check_compatible(monitor: Monitor, spec: Spec, detector: Detector) -> None:
-    """Refuse a monitor calibrated for another spec or detector."""
-    if monitor.spec.fingerprint() != spec.fingerprint():
-        raise CertoodError("the monitor was calibrated for another spec (fingerprint "
-                           f"{monitor.spec.fingerprint()[:12]} != {spec.fingerprint()[:12]}); "
-                           "recalibrate with `certood calibrate`")
-    if monitor.detector_sha256 != detector.weights_sha256:
-        raise CertoodError("the monitor was calibrated for other detector weights (sha256 "
-                           f"{monitor.detector_sha256[:12]} != {detector.weights_sha256[:12]}); "
-                           "recalibrate with `certood calibrate`")

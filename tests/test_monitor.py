@@ -13,8 +13,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from certood.check import load_spec_detector, run_check
-from certood.errors import CertoodError
-from certood.monitor import calibrate, check_compatible
+from certood.monitor import calibrate
 
 BOX_KEYS = {"dataset", "image_id", "box", "box_format", "label", "category_id", "det_score", "scores",
             "flag", "gt_category_id"}
@@ -88,19 +87,6 @@ def test_flag_is_the_rule_over_the_thresholds(calibrated):
     near = ((values["energy"].double() - t["energy"]).abs() < 1e-5) | \
            ((values["maha"].double() - t["maha"]).abs() < 1e-4)  # float32 vs float64 at the cut
     assert torch.equal(flags[~near], expected[~near])
-
-
-def test_check_compatible_refuses_another_spec_or_detector(calibrated, make_tiny_spec, detector):
-    monitor, _ = calibrated
-    check_compatible(monitor, make_tiny_spec(rule="energy > t.energy"), detector)  # rule is free
-    with pytest.raises(CertoodError, match="another spec"):
-        check_compatible(monitor, make_tiny_spec(temperature=2.0), detector)
-
-    class Other:
-        weights_sha256 = "0" * 64
-
-    with pytest.raises(CertoodError, match="other detector weights"):
-        check_compatible(monitor, monitor.spec, Other())
 
 
 # ----------------------------------------------------------------------------- run_check

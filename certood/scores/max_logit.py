@@ -7,7 +7,6 @@ Foreground-class logits only. Equal to pytorch-ood 0.4.0's ``MaxLogit``.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from certood.scores.base import Score
