@@ -7,6 +7,7 @@ Foreground-class logits only. Equal to pytorch-ood 0.4.0's ``MaxLogit``.
 """
 from __future__ import annotations
 
+import torch  # noqa: F401 - the docstring examples use it
 from torch import Tensor
 
 from certood.scores.base import Score
