@@ -33,6 +33,15 @@ the box's own (a point interval). Margins are in the rule's units (min/max seman
 ``and``/``or``, differences for comparisons): positive = the slack of a proof, negative =
 how far an undecided box is from one.
 
+Cost. With auto_LiRPA the head's rows are bounded in stages (:meth:`Certifier.bounds`): IBP
+for every box (about 1 ms per box on the demo head), the rule decided three-valued under
+those intervals, then the spec's method (CROWN, alpha-CROWN) only for the boxes still open,
+intersected with IBP's bounds. Verdicts are those of bounding every box with the spec's method
+(a box decided under wider score intervals stays decided under tighter ones); the test suite
+checks that on random heads. One BoundedModule serves every chunk (the composite is the
+Certifier's private float64 snapshot, so it cannot bound stale weights), and z3 is skipped
+when the rule's interval evaluation is already exact (:func:`rule_needs_exact`).
+
 Soundness first. Bounds are propagated in float64 (a float32 whitening map with entries of
 1e4 can cancel to errors far above any sensible padding; float64 costs about 2x here) and
 widened by a relative 1e-9; score bounds are widened by a relative 1e-5, because the
@@ -506,6 +515,37 @@ def _value(node, scores, thresholds):
     return {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[node.op]
 
 
+def rule_needs_exact(tree) -> bool:
+    """False when the three-valued interval evaluation of the rule is already exact over a
+    box of score values, so z3 cannot decide more: every score occurs at most once and there
+    is no division (sub-expressions then depend on disjoint scores, the box is a product, and
+    interval arithmetic and Kleene logic give the exact range of each single-use expression).
+
+    >>> from certood.spec.rule import parse_rule
+    >>> rule_needs_exact(parse_rule("e > t.e or m > t.m").tree), rule_needs_exact(parse_rule("e > t.e and e < 3").tree)
+    (False, True)
+    """
+    counts: dict[str, int] = {}
+    division = False
+
+    def walk(node):
+        nonlocal division
+        if isinstance(node, ScoreRef):
+            counts[node.name] = counts.get(node.name, 0) + 1
+        elif isinstance(node, (Not, Neg)):
+            walk(node.operand)
+        elif isinstance(node, Logic):
+            for o in node.operands:
+                walk(o)
+        elif isinstance(node, (Compare, Arith)):
+            division = division or (isinstance(node, Arith) and node.op == "/")
+            walk(node.left)
+            walk(node.right)
+
+    walk(tree)
+    return division or any(c > 1 for c in counts.values())
+
+
 # --- bound backends: rows of the composite head over the region ---------------------------------
 @dataclass(frozen=True)
 class Region:
@@ -516,15 +556,19 @@ class Region:
     nonnegative: bool
 
 
-def lirpa_backend(composite: nn.Module, region: Region) -> Callable[[Tensor, Any], tuple[Tensor, Tensor]]:
-    """Row bounds by auto_LiRPA (in the composite's precision, the method of the spec)."""
-    from certood.verifiers import bound_module
+def lirpa_backend(composite: nn.Module, region: Region) -> Callable[..., tuple[Tensor, Tensor]]:
+    """Row bounds by auto_LiRPA (in the composite's precision, the method of the spec, or
+    ``method=`` per call). One :class:`~certood.verifiers.Bounder` per backend: the
+    composite is the Certifier's own float64 snapshot of the head, so the BoundedModule is
+    built once and reused for every chunk (it cannot go stale: nothing else holds it)."""
+    from certood.verifiers import Bounder
 
     dtype = next(composite.parameters()).dtype
+    bounder = Bounder(composite)
 
-    def run(z: Tensor, eps) -> tuple[Tensor, Tensor]:
+    def run(z: Tensor, eps, method: str | None = None) -> tuple[Tensor, Tensor]:
         z = z.to(dtype)
-        kwargs: dict[str, Any] = {"norm": region.norm, "method": region.method}
+        kwargs: dict[str, Any] = {"norm": region.norm, "method": method or region.method}
         if region.norm == math.inf:
             if isinstance(eps, Tensor):
                 eps = eps.to(dtype).reshape(-1, 1)
@@ -532,9 +576,10 @@ def lirpa_backend(composite: nn.Module, region: Region) -> Callable[[Tensor, Any
                 kwargs["x_lower"] = torch.zeros_like(z)
         else:
             eps = float(eps)
-        b = bound_module(composite, z, eps, **kwargs)
+        b = bounder(z, eps, **kwargs)
         return b.lower.double(), b.upper.double()
 
+    run.staged = True  # takes method=: Certifier.certify bounds with IBP first
     return run
 
 
@@ -616,6 +661,9 @@ class Certifier:
         self.composite = self._composite(prefix, classifier, head, blocks)
         self.n_rows = sum(b[1].shape[0] for b in blocks)
         self._bound_rows = (backend or lirpa_backend)(self.composite, self.region) if self.n_rows else None
+        # IBP first, then the spec's method only for boxes IBP leaves open (same verdicts)
+        self.staged = bool(getattr(self._bound_rows, "staged", False)) and options.method != "ibp"
+        self._needs_z3 = rule_needs_exact(spec.rule.tree)
 
     def _plan(self, name, s, score, classifier, n_logits, input_dim, blocks) -> _Request:
         point = self.spec.taps[s.tap]
@@ -674,12 +722,14 @@ class Certifier:
         return net
 
     # -- bounds and verdicts
-    def score_bounds(self, z: Tensor, eps, values: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
-        """Bounds of every score over the region of each row of ``z`` (float64, padded)."""
+    def score_bounds(self, z: Tensor, eps, values: dict[str, Tensor],
+                     row_bounds: tuple[Tensor, Tensor] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+        """Bounds of every score over the region of each row of ``z`` (float64, padded);
+        ``row_bounds``: the head's row bounds when already computed (unpadded)."""
         n = z.shape[0]
         rows = None
         if self._bound_rows is not None:
-            lo, hi = self._bound_rows(z, eps)
+            lo, hi = row_bounds if row_bounds is not None else self._bound_rows(z, eps)
             rows = pad_bounds(lo, hi, rel=PAD_ROWS)
         out = {}
         for r in self.requests:
@@ -701,6 +751,33 @@ class Certifier:
                 lo, hi = BOUNDERS[r.kind].bound(self.scores[r.name], rows[0][:, r.rows], rows[1][:, r.rows], r.dim)
             out[r.name] = pad_bounds(lo.double(), hi.double(), absolute=r.abs_pad)
         return out
+
+    def bounds(self, z: Tensor, eps, values: dict[str, Tensor], labels: Tensor | None = None,
+               staged: bool | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+        """Score bounds for :meth:`certify`: with auto_LiRPA, the head's rows are bounded by IBP
+        for every box, then by the spec's method (CROWN, alpha-CROWN) only for the boxes the rule
+        is still open on under the IBP score intervals, and the two are intersected (both sound,
+        so their intersection is). ``staged=False`` runs the spec's method on every box: the
+        same verdicts, since a box decided under IBP's intervals stays decided under any
+        tighter ones (interval logic and z3 over score intervals are monotone); only the
+        stored bounds of IBP-decided boxes are wider. Other backends: one bound computation."""
+        staged = self.staged if staged is None else (staged and self.staged)
+        if not self.staged or self._bound_rows is None:
+            return self.score_bounds(z, eps, values)
+        lo, hi = self._bound_rows(z, eps, method="ibp")
+        idx = torch.arange(z.shape[0])
+        if staged:
+            r = rule_under_bounds(self.spec.rule.tree, self.score_bounds(z, eps, values, (lo, hi)),
+                                  self.box_thresholds(labels, z.shape[0]))
+            idx = (r.may_true & r.may_false).nonzero().flatten()
+        if len(idx):
+            e = eps[idx] if isinstance(eps, Tensor) and eps.dim() else eps
+            clo, chi = self._bound_rows(z[idx], e)
+            lo, hi = lo.clone(), hi.clone()
+            lo[idx] = torch.maximum(lo[idx], clo)
+            hi[idx] = torch.minimum(hi[idx], chi)
+        self.last_stage_counts = {"ibp": z.shape[0], self.options.method: int(len(idx))}
+        return self.score_bounds(z, eps, values, (lo, hi))
 
     def box_thresholds(self, labels: Tensor | None, n: int) -> dict[str, Any]:
         """Thresholds for ``n`` boxes: the global ones, and ``class_key(NAME)`` per box."""
@@ -736,7 +813,7 @@ class Certifier:
                 reasons.append(None)
                 continue
             verdict, reason = "undecided", None
-            if self.options.exact == "z3":
+            if self.options.exact == "z3" and self._needs_z3:
                 from certood.verifiers.z3_exact import decide_rule
 
                 box = {k: (float(lo[i]), float(hi[i])) for k, (lo, hi) in bounds.items()}
@@ -766,7 +843,7 @@ class Certifier:
         start = time.perf_counter()
         z = z.flatten(1)
         self._check_domain(z)
-        bounds = self.score_bounds(z, self.options.eps, values)
+        bounds = self.bounds(z, self.options.eps, values, labels)
         verdicts, margins, reasons = self.decide(bounds, labels)
         verdicts, reasons = self._self_check(verdicts, reasons, bounds, values, flags)
         radii = self.radius(z, values, flags, verdicts, labels) if self.options.radius else None
@@ -816,8 +893,9 @@ class Certifier:
         for idx, e in groups:
             sub = {k: v[idx] for k, v in values.items()}
             e_sub = e[idx] if isinstance(e, Tensor) else e
-            bounds = self.score_bounds(z[idx], e_sub, sub)
-            verdicts, _, reasons = self.decide(bounds, None if labels is None else labels[idx])
+            lab = None if labels is None else labels[idx]
+            bounds = self.bounds(z[idx], e_sub, sub, lab)
+            verdicts, _, reasons = self.decide(bounds, lab)
             verdicts, _ = self._self_check(verdicts, reasons, bounds, sub, flags[idx])
             for j, i in enumerate(idx.tolist()):
                 out[i] = verdicts[j] == target[i]

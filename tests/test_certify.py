@@ -16,7 +16,7 @@ from torch import nn
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 
 from certood.certify import (
-    BOUNDERS, ScoreBounder, certify_boxes, certify_metrics, entropy_from_prob_bounds, logit_rows,
+    BOUNDERS, Certifier, ScoreBounder, certify_boxes, certify_metrics, entropy_from_prob_bounds, logit_rows,
     rule_under_bounds,
 )
 from certood.errors import CertoodError
@@ -369,3 +369,54 @@ def test_per_class_thresholds_are_the_boxes_own_constants(setup):
     assert a.n_violations == 0 and a.n_boxes > 0
     with pytest.raises(CertoodError, match="predicted label"):
         certify_boxes(monitor, head, z, values, flags)
+
+
+# --- staged bounding: IBP first, CROWN only where the rule is still open -----------------------
+@pytest.mark.parametrize("args", [
+    dict(rule="energy > t.energy or maha > t.maha", eps=0.01),
+    dict(rule="energy > t.energy or maha > t.maha", eps=0.002),
+    dict(rule="msp > t.msp and entropy > t.entropy", eps=0.01),
+    dict(rule="max_logit > t.max_logit and knn > t.knn", eps=0.001, exact="z3"),
+    dict(rule="energy > t.energy", eps=0.3, norm=2),
+])
+def test_staged_bounds_give_the_full_paths_verdicts(setup, args):
+    """Staging changes how fast, not what is proven: the same verdicts as bounding every box
+    with CROWN (intersected with IBP), and never fewer certificates than CROWN alone."""
+    head, scores, z = setup
+    spec = make_spec(**args)
+    values = own_values(spec, scores, head, z)
+    monitor = monitor_for(spec, scores, values)
+    flags = monitor.flag(values)
+    c = Certifier(spec, scores, monitor.thresholds, head, spec.certify, z.shape[1])
+    assert c.staged
+    eps = spec.certify.eps
+    staged = c.decide(c.bounds(z, eps, values), None)[0]
+    stages = c.last_stage_counts
+    full = c.decide(c.bounds(z, eps, values, staged=False), None)[0]
+    crown_only = c.decide(c.score_bounds(z, eps, values), None)[0]
+    assert staged == full
+    assert all(s == o for s, o in zip(staged, crown_only) if o != "undecided")
+    assert stages["crown"] <= len(z)
+    # every stored bound still contains the box's own score
+    for name, (lo, hi) in c.bounds(z, eps, values).items():
+        assert bool(((lo <= values[name].double()) & (values[name].double() <= hi)).all()), name
+
+
+def test_staging_skips_crown_for_boxes_ibp_decides(setup):
+    head, scores, z = setup
+    spec = make_spec(rule="energy > t.energy or maha > t.maha", eps="0.000001")
+    values = own_values(spec, scores, head, z)
+    monitor = monitor_for(spec, scores, values)
+    c = Certifier(spec, scores, monitor.thresholds, head, spec.certify, z.shape[1])
+    c.bounds(z, 1e-6, values)
+    assert c.last_stage_counts["crown"] < len(z) // 2  # a tiny region: IBP decides most boxes
+
+
+def test_z3_is_skipped_only_where_intervals_are_exact():
+    from certood.certify import rule_needs_exact
+    from certood.spec.rule import parse_rule
+
+    assert not rule_needs_exact(parse_rule("energy > t.energy or maha > t.maha").tree)
+    assert not rule_needs_exact(parse_rule("energy - maha > 1 and not knn < t.knn").tree)
+    assert rule_needs_exact(parse_rule("energy - energy > 0 or maha > t.maha").tree)
+    assert rule_needs_exact(parse_rule("energy / maha > 1").tree)

@@ -5,6 +5,6 @@
 - :func:`ensure_lirpa` imports auto_LiRPA 0.3 with the fixes it needs on torch 2 / numpy 2.
 """
 from .compat import applied_fixes, ensure_lirpa
-from .lirpa import METHODS, Bounds, bound_module
+from .lirpa import METHODS, Bounder, Bounds, bound_module
 
-__all__ = ["Bounds", "bound_module", "METHODS", "ensure_lirpa", "applied_fixes"]
+__all__ = ["Bounds", "Bounder", "bound_module", "METHODS", "ensure_lirpa", "applied_fixes"]

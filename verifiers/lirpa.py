@@ -15,8 +15,12 @@ where ``f`` is the module, or ``C @ module`` when a specification matrix ``C`` i
 >>> bool((b.lower <= net(torch.zeros(4, 2))).all())
 True
 
-The BoundedModule is rebuilt on each call (no cache): it snapshots the weights when built,
-so a cache keyed on the module would silently bound stale weights after training.
+:func:`bound_module` rebuilds the BoundedModule on each call (no cache): it snapshots the
+weights when built, so a cache keyed on the module would silently bound stale weights after
+training. :class:`Bounder` is the explicit alternative for bounding many batches of one
+network: it deep-copies the module once, at construction, and reuses one BoundedModule
+(IBP and CROWN; alpha-CROWN, which keeps per-batch state, rebuilds each call). It bounds
+that snapshot, whatever happens to the module afterwards: build a new one after training.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from certood.errors import CertoodError
 
 from .compat import ensure_lirpa
 
-__all__ = ["Bounds", "bound_module", "METHODS"]
+__all__ = ["Bounds", "Bounder", "bound_module", "METHODS"]
 
 # certood name -> auto_LiRPA method name.
 METHODS: dict[str, str] = {"ibp": "IBP", "crown": "CROWN", "alpha-crown": "CROWN-Optimized"}
@@ -85,50 +89,85 @@ def bound_module(
         alpha_iterations: optimisation steps of alpha-CROWN.
         bound_upper: compute the upper bound (skip it to halve alpha-CROWN's time).
     """
-    lirpa_method = _validate(module, x, eps, norm, method, C, x_lower, x_upper, alpha_iterations)
-    lirpa = ensure_lirpa()
+    return Bounder(module)(x, eps, norm=norm, method=method, C=C, x_lower=x_lower, x_upper=x_upper,
+                           alpha_iterations=alpha_iterations, bound_upper=bound_upper)
 
-    net = copy.deepcopy(module).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    x = x.detach()
-    if C is not None:
-        C = C.detach().to(x)
-        with torch.no_grad():
-            out = net(x)
-        if out.dim() != 2 or C.shape[2] != out.shape[1]:
-            raise CertoodError(
-                f"C must have shape (batch, n_specs, {out.shape[-1]}) for a module with output "
-                f"shape {tuple(out.shape)}, got {tuple(C.shape)}"
-            )
 
-    if norm == math.inf:
-        # The region as an explicit box: handles per-element eps and the clip box at once.
-        eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
-        lo, hi = x - eps_t, x + eps_t
-        if x_lower is not None:
-            lo = torch.maximum(lo, x_lower.to(x))
-        if x_upper is not None:
-            hi = torch.minimum(hi, x_upper.to(x))
-        if (lo > hi).any():
-            raise CertoodError("the eps-ball around x does not meet the box [x_lower, x_upper]")
-        ptb = lirpa.PerturbationLpNorm(eps=float(eps_t.max()), norm=math.inf, x_L=lo, x_U=hi)
-    else:
-        ptb = lirpa.PerturbationLpNorm(eps=float(eps), norm=float(norm))
+class Bounder:
+    """:func:`bound_module` for many batches of one network: a snapshot of ``module`` taken
+    now (a deep copy in eval mode, gradients off) and one BoundedModule built on first use
+    and reused for IBP and CROWN (any batch size). Calls take :func:`bound_module`'s
+    arguments after ``module``.
+    """
 
-    bounded = lirpa.BoundedModule(net, torch.zeros_like(x), bound_opts=dict(_BOUND_OPTS), verbose=False)
-    if method == "alpha-crown":
-        bounded.set_bound_opts({"optimize_bound_args": {"iteration": int(alpha_iterations)}})
-    bx = lirpa.BoundedTensor(x, ptb)
-    # alpha-CROWN optimises by gradient descent, so it needs grad mode even inside a
-    # caller's torch.no_grad().
-    with torch.enable_grad() if method == "alpha-crown" else torch.no_grad():
-        lower, upper = bounded.compute_bounds(
-            x=(bx,), C=C, method=lirpa_method, bound_lower=True, bound_upper=bound_upper
-        )
-    lower = lower.detach()
-    upper = upper.detach() if bound_upper and upper is not None else torch.full_like(lower, math.inf)
-    return Bounds(lower=lower, upper=upper, method=method)
+    def __init__(self, module: nn.Module):
+        if not isinstance(module, nn.Module):
+            raise CertoodError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        self.net = copy.deepcopy(module).eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self._bounded = None
+
+    def _build(self, lirpa, x: Tensor):
+        return lirpa.BoundedModule(self.net, torch.zeros_like(x), bound_opts=dict(_BOUND_OPTS), verbose=False)
+
+    def __call__(self, x: Tensor, eps: float | Tensor, norm: float = math.inf, method: str = "crown",
+                 C: Tensor | None = None, x_lower: Tensor | None = None, x_upper: Tensor | None = None,
+                 alpha_iterations: int = 20, bound_upper: bool = True) -> Bounds:
+        net = self.net
+        lirpa_method = _validate(net, x, eps, norm, method, C, x_lower, x_upper, alpha_iterations)
+        lirpa = ensure_lirpa()
+        x = x.detach()
+        if C is not None:
+            C = C.detach().to(x)
+            with torch.no_grad():
+                out = net(x)
+            if out.dim() != 2 or C.shape[2] != out.shape[1]:
+                raise CertoodError(
+                    f"C must have shape (batch, n_specs, {out.shape[-1]}) for a module with output "
+                    f"shape {tuple(out.shape)}, got {tuple(C.shape)}"
+                )
+
+        if norm == math.inf:
+            # The region as an explicit box: handles per-element eps and the clip box at once.
+            eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+            lo, hi = x - eps_t, x + eps_t
+            if x_lower is not None:
+                lo = torch.maximum(lo, x_lower.to(x))
+            if x_upper is not None:
+                hi = torch.minimum(hi, x_upper.to(x))
+            if (lo > hi).any():
+                raise CertoodError("the eps-ball around x does not meet the box [x_lower, x_upper]")
+            ptb = lirpa.PerturbationLpNorm(eps=float(eps_t.max()), norm=math.inf, x_L=lo, x_U=hi)
+        else:
+            ptb = lirpa.PerturbationLpNorm(eps=float(eps), norm=float(norm))
+
+        if method == "alpha-crown":  # optimised slopes are per batch: a fresh module each call
+            bounded = self._build(lirpa, x)
+            bounded.set_bound_opts({"optimize_bound_args": {"iteration": int(alpha_iterations)}})
+        else:
+            if self._bounded is None:
+                self._bounded = self._build(lirpa, x)
+            bounded = self._bounded
+        bx = lirpa.BoundedTensor(x, ptb)
+        # alpha-CROWN optimises by gradient descent, so it needs grad mode even inside a
+        # caller's torch.no_grad().
+        # alpha-CROWN keeps its best bounds in torch's default dtype (optimized_bounds.py casts
+        # them with .to(torch.get_default_dtype())): float64 bounds would be rounded to float32,
+        # either way, and the next update fails on the dtype mismatch. Run it in x's dtype.
+        previous = torch.get_default_dtype()
+        try:
+            if method == "alpha-crown" and x.dtype.is_floating_point:
+                torch.set_default_dtype(x.dtype)
+            with torch.enable_grad() if method == "alpha-crown" else torch.no_grad():
+                lower, upper = bounded.compute_bounds(
+                    x=(bx,), C=C, method=lirpa_method, bound_lower=True, bound_upper=bound_upper
+                )
+        finally:
+            torch.set_default_dtype(previous)
+        lower = lower.detach()
+        upper = upper.detach() if bound_upper and upper is not None else torch.full_like(lower, math.inf)
+        return Bounds(lower=lower, upper=upper, method=method)
 
 
 def _validate(module, x, eps, norm, method, C, x_lower, x_upper, alpha_iterations) -> str:

@@ -374,3 +374,47 @@ def test_bounds_are_frozen():
     b = bound_module(make_mlp(), make_inputs((2, 16)), eps=0.1, method="ibp")
     with pytest.raises(AttributeError):
         b.method = "crown"
+
+
+# --- Bounder: one BoundedModule for many batches ------------------------------------------
+def test_bounder_matches_bound_module_across_batches_and_methods():
+    from certood.verifiers import Bounder
+
+    net = make_mlp()
+    bounder = Bounder(net)
+    gen = torch.Generator().manual_seed(3)
+    for n, method in ((5, "crown"), (2, "ibp"), (7, "crown"), (1, "ibp"), (3, "alpha-crown")):
+        x = torch.randn(n, 16, generator=gen)
+        a = bounder(x, 0.05, method=method, x_lower=x - 0.01)
+        b = bound_module(net, x, 0.05, method=method, x_lower=x - 0.01)
+        assert torch.allclose(a.lower, b.lower, atol=1e-6) and torch.allclose(a.upper, b.upper, atol=1e-6)
+
+
+def test_bounder_bounds_its_snapshot_not_later_weights():
+    """Built before a weight change it keeps bounding the old weights (documented); a new one
+    bounds the new weights. Nothing is keyed on the module, so nothing can go stale unseen."""
+    from certood.verifiers import Bounder
+
+    net = make_mlp()
+    x = torch.randn(4, 16)
+    old = Bounder(net)
+    before = old(x, 0.05)
+    with torch.no_grad():
+        net[-1].bias.add_(10.0)
+    assert torch.equal(old(x, 0.05).lower, before.lower)
+    fresh = Bounder(net)(x, 0.05)
+    assert torch.allclose(fresh.lower, before.lower + 10.0, atol=1e-4)
+    assert torch.allclose(fresh.lower, bound_module(net, x, 0.05).lower)
+
+
+def test_alpha_crown_in_float64_keeps_float64_and_is_sound():
+    """auto_LiRPA 0.3 stores alpha-CROWN's best bounds in the default dtype: float64 nets used
+    to fail (dtype mismatch) or would be rounded to float32."""
+    net = make_mlp().double()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    a = bound_module(net, x, 0.05, method="alpha-crown", alpha_iterations=5)
+    c = bound_module(net, x, 0.05, method="crown")
+    assert a.lower.dtype == torch.float64 and torch.get_default_dtype() == torch.float32
+    assert bool((a.lower >= c.lower - 1e-9).all() and (a.upper <= c.upper + 1e-9).all())
+    y = net(x)
+    assert bool((a.lower <= y).all() and (y <= a.upper).all())
