@@ -1,7 +1,9 @@
 """The one detection contract every detector adapter returns, validated in one place."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -52,3 +54,12 @@ class Detections:
         """The subset of boxes given by a boolean mask or index tensor."""
         return Detections(self.boxes[keep], self.labels[keep], self.scores[keep], self.logits[keep],
                           {k: v[keep] for k, v in self.taps.items()}, self.box_format)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a weights/model file, read in 1 MiB chunks (identifies what a monitor was calibrated on)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

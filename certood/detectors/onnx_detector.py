@@ -55,7 +55,6 @@ Runtime runs. The yolo layout has none (an anchor's logits come from a neighbour
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Mapping
 
@@ -64,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certood.detectors.base import Detections
+from certood.detectors.base import Detections, file_sha256
 from certood.errors import CertoodError
 
 LAYOUTS = ("two_stage", "yolo", "detr")
@@ -86,14 +85,6 @@ def _load_onnx(path: Path):
         return onnx.load(str(path))
     except Exception as e:  # noqa: BLE001 - DecodeError, OSError, ...: all mean "not a model"
         raise CertoodError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _value_names(model) -> set[str]:
@@ -148,7 +139,7 @@ class OnnxDetector:
         self.path = Path(path)
         self.layout = layout
         self.model = _load_onnx(self.path)
-        self.weights_sha256 = _sha256(self.path)
+        self.weights_sha256 = file_sha256(self.path)
         self.tensors = dict(tensors)
         self.outputs = {k: (outputs or {}).get(k, k) for k in LAYOUT_OUTPUTS[layout]}
         unknown_out = sorted(set(outputs or {}) - set(LAYOUT_OUTPUTS[layout]))

@@ -13,7 +13,6 @@ every filter, so each kept detection is tied to the exact feature row that produ
 """
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.rpn import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops
 
-from certood.detectors.base import Detections
+from certood.detectors.base import Detections, file_sha256
 from certood.errors import CertoodError
 from certood.spec.v1 import ARCHS, BUILTIN_WEIGHTS as SPEC_BUILTIN_WEIGHTS
 
@@ -110,14 +109,6 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise CertoodError(f"{path}: expected a state dict, found {type(state).__name__}")
     return state
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def postprocess_with_rows(roi_heads, class_logits: torch.Tensor, box_regression: torch.Tensor,

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from certood.errors import ArtifactError, CertoodError
-from certood.scores.base import Score, check_features, check_labels
+from certood.scores.base import Score, check_features, check_labels, drop_unmatched
 
 
 def fit_class_gaussians(features: Tensor, labels: Tensor,
@@ -122,14 +122,7 @@ class Mahalanobis(Score):
         if labels is None:
             raise CertoodError("mahalanobis.fit: expected class labels (one per feature row), "
                                "found None")
-        if (labels < -1).any():
-            raise CertoodError(f"mahalanobis.fit: expected labels >= -1 (-1 = unmatched), "
-                               f"found {labels.min().item()}")
-        keep = labels >= 0
-        if not keep.any():
-            raise CertoodError(f"mahalanobis.fit: expected rows with a class label >= 0, "
-                               f"found all {len(labels)} labelled -1")
-        features, labels = features[keep], labels[keep]
+        features, labels = drop_unmatched(features, labels, "mahalanobis.fit")
         c = self.num_classes if self.num_classes is not None else int(labels.max()) + 1
         self.means, self.precision = fit_class_gaussians(features, labels, c)
         self.class_counts = torch.bincount(labels, minlength=c)
