@@ -14,8 +14,10 @@ region at the RoI tap), with the first ``--images`` images of id_test and of eac
   attack could not flip inside the region (uniform and vertex samples, then PGD on the rule's
   margin, certood.verifiers.attack). No complete method can certify more than that;
 - cost: certify seconds per box and per image over the detector's seconds per image, both
-  measured in this run on the same images and threads; at the spec's eps also the unstaged path
-  (CROWN on every box, the BoundedModule rebuilt per chunk: the path before staging);
+  measured in this run on the same images and threads; at the spec's eps also the same staged
+  CROWN through auto_LiRPA (``certify.engine: auto_lirpa``) with the number of verdicts that
+  differ from certood's sparse CROWN (expected: 0), and the floor: the wide products' multiply-adds
+  per box over this machine's float32 GEMM rate (what any exact CROWN of these rows must spend);
 - on small random heads (benchmarks/exact_heads.py instances, where a MILP completes) the lower
   bound of the top-logit margin over the region by IBP and CROWN (certood.verifiers.reference)
   next to the exact minimum (HiGHS MILP, certood.verifiers.milp).
@@ -38,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from certood.certify import certify_boxes, certify_head, lirpa_backend  # noqa: E402
+from certood.certify import certify_boxes, certify_head  # noqa: E402
 from certood.check import load_spec_detector  # noqa: E402
 from certood.extract import extract_detections  # noqa: E402
 from certood.monitor import calibrate, load_dataset  # noqa: E402
@@ -50,18 +52,30 @@ RESULTS = ROOT / "benchmarks" / "results" / "certify_table"
 SMALL_SIZES = [(8, 16, 16, 2), (16, 32, 32, 2), (16, 32, 32, 4)]
 
 
-def rebuilding_backend(composite, region):
-    """The path before staging: auto_LiRPA rebuilt on every chunk, the spec's method only."""
-    from certood.verifiers import bound_module
+def crown_floor(spec, monitor, head, parts, eps) -> dict:
+    """What CROWN must compute here, whatever the code: the multiply-adds of the wide products
+    per box (certood's sparse CROWN counts them) over this machine's float32 GEMM rate on a
+    product of the same shape, measured now: a lower bound on CROWN's time per box."""
+    from certood.certify import Certifier
+    from certood.verifiers.reference import mlp_layers
+    from certood.verifiers.sparse_crown import SparseCrown
 
-    def run(z, eps):
-        kwargs = {"norm": region.norm, "method": region.method}
-        if region.norm == math.inf and region.nonnegative:
-            kwargs["x_lower"] = torch.zeros_like(z.double())
-        b = bound_module(composite, z.double(), eps, **kwargs)
-        return b.lower.double(), b.upper.double()
-
-    return run
+    o = dataclasses.replace(spec.certify, eps=eps)
+    z = torch.cat([p["z"] for p in parts.values()])
+    c = Certifier(spec, monitor.scores, monitor.thresholds, head, o, z.shape[1])
+    crown = SparseCrown(mlp_layers(c.composite))
+    lo = (z.double() - eps).clamp(min=0) if o.domain == "nonnegative" else z.double() - eps
+    crown(lo, z.double() + eps)
+    macs = crown.stats["wide_macs"] / len(z)
+    rows = c.composite[-1].out_features
+    a, b = torch.randn(rows, 96), torch.randn(96, z.shape[1])
+    a @ b
+    t = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    rate = 20 * rows * 96 * z.shape[1] / (time.perf_counter() - t)
+    return {"output_rows": rows, "rows_per_box": crown.stats["rows"] / len(z), "wide_macs_per_box": macs,
+            "gemm_macs_per_second": rate, "floor_seconds_per_box": macs / rate}
 
 
 def rates(verdicts, flags) -> dict:
@@ -159,33 +173,39 @@ def main(argv=None) -> int:
     det_per_image = det_seconds / n_images
     n_boxes = sum(len(p["z"]) for p in parts.values())
 
-    def certify(part, eps, method, backend=None, sl=slice(None)):
-        opts = dataclasses.replace(o, eps=eps, method=method)
+    def certify(part, eps, method, engine="auto", sl=slice(None)):
+        opts = dataclasses.replace(o, eps=eps, method=method, engine=engine)
         t = time.perf_counter()
         r = certify_boxes(monitor, head, part["z"][sl], {k: v[sl] for k, v in part["values"].items()},
-                          part["flags"][sl], opts, backend=backend, labels=part["labels"][sl])
+                          part["flags"][sl], opts, labels=part["labels"][sl])
         return [c.verdict for c in r.certificates], time.perf_counter() - t
 
     table = []
     for eps in eps_list:
         row = {"eps": eps, "sets": {}, "cost": {}}
+        crown_verdicts = {}
         for method in ("ibp", "crown"):
             seconds = 0.0
             for name, part in parts.items():
                 verdicts, s = certify(part, eps, method)
+                crown_verdicts[name] = verdicts
                 seconds += s
                 row["sets"].setdefault(name, {})[method] = rates(verdicts, part["flags"].tolist())
             row["cost"][method] = {"seconds_per_box": seconds / n_boxes, "seconds_per_image": seconds / n_images,
                                    "to_detector": seconds / n_images / det_per_image}
-        if eps == o.eps:
-            seconds = 0.0
+        if eps == o.eps:  # the same CROWN through auto_LiRPA (staged alike): cost, and the same verdicts?
+            seconds, differ = 0.0, 0
             for name, part in parts.items():
-                verdicts, s = certify(part, eps, "crown", backend=rebuilding_backend)
+                verdicts, s = certify(part, eps, "crown", engine="auto_lirpa")
                 seconds += s
-                row["sets"][name]["crown_unstaged"] = rates(verdicts, part["flags"].tolist())
-            row["cost"]["crown_unstaged"] = {"seconds_per_box": seconds / n_boxes,
-                                             "seconds_per_image": seconds / n_images,
-                                             "to_detector": seconds / n_images / det_per_image}
+                differ += sum(a != b for a, b in zip(verdicts, crown_verdicts[name]))
+            row["cost"]["crown_auto_lirpa"] = {"seconds_per_box": seconds / n_boxes,
+                                               "seconds_per_image": seconds / n_images,
+                                               "to_detector": seconds / n_images / det_per_image,
+                                               "verdicts_differing_from_crown": differ}
+            floor = crown_floor(spec, monitor, head, parts, eps)
+            row["crown_floor"] = {**floor, "to_detector": floor["floor_seconds_per_box"] * n_boxes / n_images
+                                  / det_per_image}
         if eps in alpha_eps:
             seconds, nb = 0.0, 0
             for name, part in parts.items():
@@ -214,6 +234,7 @@ def main(argv=None) -> int:
            "images_per_set": {n: p["n_images"] for n, p in parts.items()},
            "boxes_per_set": {n: len(p["z"]) for n, p in parts.items()},
            "detector_seconds_per_image": det_per_image, "table": table, "small_heads": small,
+           "input_dim": int(next(iter(parts.values()))["z"].shape[1]),
            "pgd": {"steps": args.pgd_steps, "restarts": 1, "samples_per_box": args.pgd_samples},
            "total_seconds": round(time.perf_counter() - start, 1),
            "machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}, "
@@ -271,6 +292,17 @@ def render(out: dict) -> str:
             if "seconds_per_image" in c:
                 lines.append(f"| {row['eps']:g} | {m} | {c['seconds_per_box']:.4f} | {c['seconds_per_image']:.4f} | "
                              f"{c['to_detector']:.2f}x |")
+    floors = [r for r in out["table"] if "crown_floor" in r]
+    for row in floors:
+        f, c = row["crown_floor"], row["cost"]
+        lines += ["", f"CROWN at eps {row['eps']:g}: {f['output_rows']} output rows (logit rows and the "
+                  f"Mahalanobis whitening rows), {f['rows_per_box']:.0f} rows back-substituted per box "
+                  f"(with the intermediate ones), {f['wide_macs_per_box'] / 1e6:.0f}M multiply-adds per box in "
+                  f"the products with the {out['input_dim']}-wide first layer; at this machine's float32 GEMM "
+                  f"rate ({f['gemm_macs_per_second'] / 1e9:.0f}G multiply-adds/s, 1 thread) that alone is "
+                  f"{1000 * f['floor_seconds_per_box']:.2f} ms per box, **{f['to_detector']:.2f}x** the detector "
+                  f"per image. auto_LiRPA's CROWN (same staging): {c['crown_auto_lirpa']['to_detector']:.2f}x, "
+                  f"{c['crown_auto_lirpa']['verdicts_differing_from_crown']} verdicts differing."]
     small = out["small_heads"]
     if small:
         lines += ["", "## Small heads: lower bound of the top-logit margin vs the exact minimum (MILP)\n",

@@ -7,6 +7,7 @@ random non-negative features, so every test runs in a second or two.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -400,6 +401,50 @@ def test_staged_bounds_give_the_full_paths_verdicts(setup, args):
     # every stored bound still contains the box's own score
     for name, (lo, hi) in c.bounds(z, eps, values).items():
         assert bool(((lo <= values[name].double()) & (values[name].double() <= hi)).all()), name
+
+
+@pytest.mark.parametrize("args", [
+    dict(rule="energy > t.energy or maha > t.maha", eps=0.01),
+    dict(rule="msp > t.msp and entropy > t.entropy", eps=0.02),
+    dict(rule="max_logit > t.max_logit and knn > t.knn", eps=0.001),
+])
+def test_sparse_engine_gives_auto_lirpas_bounds_and_verdicts(setup, args):
+    """certify.engine auto (certood's sparse CROWN, float32 wide products with their rounding
+    paid for) against auto_lirpa: the same verdicts, score bounds equal up to that rounding
+    term and never tighter than auto_LiRPA's by more than float64 noise."""
+    head, scores, z = setup
+    spec = make_spec(**args)
+    values = own_values(spec, scores, head, z)
+    monitor = monitor_for(spec, scores, values)
+    out = {}
+    for engine in ("auto", "auto_lirpa"):
+        options = dataclasses.replace(spec.certify, engine=engine)
+        c = Certifier(spec, scores, monitor.thresholds, head, options, z.shape[1])
+        bounds = c.bounds(z, options.eps, values, staged=False)
+        out[engine] = (bounds, c.decide(bounds, None)[0])
+    assert out["auto"][1] == out["auto_lirpa"][1]
+    for name, (lo, hi) in out["auto"][0].items():
+        llo, lhi = out["auto_lirpa"][0][name]
+        finite = torch.isfinite(llo) & torch.isfinite(lhi)
+        assert torch.equal(finite, torch.isfinite(lo) & torch.isfinite(hi)), name
+        if not finite.any():
+            continue  # a score without a bound: [-inf, inf] for both
+        width = (lhi - llo)[finite].clamp(min=1e-9)
+        assert bool((lo[finite] <= llo[finite] + 1e-9 * (1 + llo[finite].abs())).all()), name
+        assert bool((hi[finite] >= lhi[finite] - 1e-9 * (1 + lhi[finite].abs())).all()), name
+        assert float(((llo - lo)[finite] / width).max()) < 1e-2, name
+        assert float(((hi - lhi)[finite] / width).max()) < 1e-2, name
+
+
+def test_engine_auto_falls_back_to_auto_lirpa_where_sparse_crown_does_not_apply(setup):
+    from certood.certify import Region, sparse_backend
+
+    head, _, _ = setup
+    composite = copy.deepcopy(head).double()
+    assert sparse_backend(composite, Region(math.inf, "crown", True)) is not None
+    assert sparse_backend(composite, Region(2.0, "crown", False)) is None  # L2: auto_LiRPA
+    assert sparse_backend(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double(),
+                          Region(math.inf, "crown", True)) is None
 
 
 def test_staging_skips_crown_for_boxes_ibp_decides(setup):

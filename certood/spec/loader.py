@@ -484,8 +484,8 @@ def _build(norm: dict, raw: dict, rule: Rule, base: Path, warnings: tuple) -> Sp
 def _certify(c: dict | None) -> CertifySpec | None:
     if c is None:
         return None
-    return CertifySpec(tap=c["tap"], eps=c["eps"], norm=str(c["norm"]), method=c["method"], exact=c["exact"],
-                       timeout_s=c["timeout_s"], radius=c["radius"], domain=c["domain"])
+    return CertifySpec(tap=c["tap"], eps=c["eps"], norm=str(c["norm"]), method=c["method"], engine=c["engine"],
+                       exact=c["exact"], timeout_s=c["timeout_s"], radius=c["radius"], domain=c["domain"])
 
 
 def _check_certify(norm, raw: dict, ctx: Collector) -> None:

@@ -123,13 +123,14 @@ class OutputSpec:
 class CertifySpec:
     """Certificates (certood.certify): the region ``||z' - z||_norm <= eps`` around each box's
     feature at tap `tap` (a tap at box_head.input or box_head.output), intersected with
-    ``z' >= 0`` when `domain` is "nonnegative"; bounded with `method`; rules decided exactly
+    ``z' >= 0`` when `domain` is "nonnegative"; bounded with `method` (by `engine`); rules decided exactly
     with z3 within `timeout_s` when `exact` is "z3"; `radius`: also search the largest eps."""
 
     tap: str
     eps: float
     norm: str = "inf"  # "inf" or "2"
     method: str = "crown"  # ibp | crown | alpha-crown
+    engine: str = "auto"  # auto | auto_lirpa
     exact: str = "none"  # none | z3
     timeout_s: float = 2.0
     radius: bool = False

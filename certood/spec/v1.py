@@ -386,7 +386,11 @@ CERTIFY = Record({
     "norm": Field(Enum(("inf", 2)), default="inf", description="norm of the region: inf or 2"),
     "eps": Field(Float(gt=0), required=True, description="radius of the region around each box's feature"),
     "method": Field(Enum(("ibp", "crown", "alpha-crown")), default="crown",
-                    description="bound propagation (auto_LiRPA); alpha-crown is tightest and slowest"),
+                    description="bound propagation; alpha-crown is tightest and slowest"),
+    "engine": Field(Enum(("auto", "auto_lirpa")), default="auto",
+                    description="auto: certood's sparse CROWN (verifiers/sparse_crown.py, the same bounds) "
+                    "for IBP and CROWN on Linear/ReLU heads under the L-inf norm, auto_LiRPA otherwise; "
+                    "auto_lirpa: always auto_LiRPA"),
     "exact": Field(Enum(("none", "z3")), default="none",
                    description="z3: decide the rule exactly under the score bounds when intervals cannot"),
     "timeout_s": Field(Float(gt=0), default=2.0, description="time limit of each exact decision, seconds"),

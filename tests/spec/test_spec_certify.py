@@ -21,11 +21,12 @@ def test_defaults_and_absence():
     spec = load_spec_text(DEMO + "certify: {tap: roi, eps: 0.05}\n")
     assert spec.certify == CertifySpec(tap="roi", eps=0.05, norm="inf", method="crown", exact="none",
                                        timeout_s=2.0, radius=False, domain="nonnegative")
-    full = "certify: {tap: penultimate, eps: 1, norm: 2, method: alpha-crown, exact: z3, timeout_s: 0.5, " \
-           "radius: true, domain: any}"
+    assert spec.certify.engine == "auto"
+    full = "certify: {tap: penultimate, eps: 1, norm: 2, method: alpha-crown, engine: auto_lirpa, exact: z3, " \
+           "timeout_s: 0.5, radius: true, domain: any}"
     c = load_spec_text(DEMO + full + "\n").certify
-    assert (c.tap, c.eps, c.norm, c.method, c.exact, c.timeout_s, c.radius, c.domain) == \
-        ("penultimate", 1.0, "2", "alpha-crown", "z3", 0.5, True, "any")
+    assert (c.tap, c.eps, c.norm, c.method, c.engine, c.exact, c.timeout_s, c.radius, c.domain) == \
+        ("penultimate", 1.0, "2", "alpha-crown", "auto_lirpa", "z3", 0.5, True, "any")
     # certify is not part of what a calibration depends on
     assert spec.fingerprint() == load_spec_text(DEMO).fingerprint()
 
@@ -36,6 +37,7 @@ def test_defaults_and_absence():
     ("certify: {tap: roi, eps: 0}", "certify.eps: expected a number > 0, found integer 0"),
     ("certify: {tap: roi, eps: 0.1, norm: 1}", "certify.norm: expected one of: inf, 2"),
     ("certify: {tap: roi, eps: 0.1, method: crwn}", "did you mean 'crown'?"),
+    ("certify: {tap: roi, eps: 0.1, engine: autolirpa}", "did you mean 'auto_lirpa'?"),
     ("certify: {tap: roi, eps: 0.1, timeout_s: -1}", "certify.timeout_s: expected a number > 0"),
     ("certify: {tap: roi, eps: 0.1, exact: yes}", "certify.exact: expected one of: none, z3, found boolean true"),
     ("certify: {tap: roi}", "certify.eps: expected key 'eps'"),
@@ -52,4 +54,4 @@ def test_schema_has_the_block():
     schema = json_schema()
     props = schema.get("$defs", {}).get("complete", schema)["properties"]["certify"]
     assert props["required"] == ["tap", "eps"]
-    assert set(props["properties"]) == {"tap", "norm", "eps", "method", "exact", "timeout_s", "radius", "domain"}
+    assert set(props["properties"]) == {"tap", "norm", "eps", "method", "engine", "exact", "timeout_s", "radius", "domain"}
