@@ -16,8 +16,10 @@ canvases) under the ground-truth-matched protocol (certood.check):
   evaluated sets (best of ``--timing-repeats``) divided by the detector's time on those images,
   measured in the same run; ODIN, GradNorm and MC dropout (several passes or gradients) are
   reported on their own, the single-pass scores also as a sum;
-- the p-value fusion (``pvalue_fusion``, certood.scores.pvalue_fusion) against the best other
-  score of each set: separate intervals and a paired bootstrap of the difference.
+- the enhancement (``fusion`` of energy, the RoI residual and box-jitter consistency,
+  certood.scores.fusion, chosen on ID-only proxies by benchmarks/select_fusion.py) against the
+  best other score of each set (certood's own fusions excluded): separate intervals and a
+  paired bootstrap of the difference.
 
 Features are extracted once per data set (``certood.monitor.calibrate`` for fit and calibration
 data, ``certood.extract.extract_detections`` for the rest) and every score is fitted and
@@ -52,37 +54,48 @@ import torch
 from certood.check import load_spec_detector
 from certood.extract import extract_detections
 from certood.metrics import GT_MATCH, bootstrap_ci, bootstrap_diff_ci, box_iou, ood_metrics
-from certood.monitor import calibrate, gt_match_dataset, load_dataset, score_input
+from certood.monitor import calibrate, gt_match_dataset, is_fusion, load_dataset, score_input
 from certood.scores import SCORE_CLASSES
 from certood.spec import load_spec_text
 
 REPO = Path(__file__).resolve().parent.parent
-FUSION = "pvalue_fusion"
-MULTI_PASS = ("odin", "gradnorm", "mc_dropout")  # several passes or a gradient: cost reported alone
-ROI_KINDS = ("odin", "particul")  # read box_head.input (the RoI features)
-LOGIT_KINDS = ("energy", "msp", "max_logit", "entropy")  # read cls_logits
+# The enhancement: the fusion chosen on ID-only proxies (benchmarks/select_fusion.py, round 2:
+# results/fusion_selection.md); certood's own fusions are left out of "the best other score".
+FUSION = "fusion"
+FUSION_OF = ["energy", "residual", "jitter_kl"]
+OWN_FUSIONS = ("fusion", "pvalue_fusion")
+# several passes or a gradient: cost reported alone (jitter_kl: 8 more box-head passes per box;
+# the fusion reads it)
+MULTI_PASS = ("odin", "gradnorm", "mc_dropout", "jitter_kl", FUSION)
+ROI_KINDS = ("odin", "particul", "residual")  # read box_head.input (the RoI features)
+LOGIT_KINDS = ("energy", "msp", "max_logit", "entropy", "fusion")  # read cls_logits (a fusion: its class)
+JITTER_KINDS = ("jitter_kl",)  # read box_jitter.logits
+TAPS = {"roi": "box_head.input", "penultimate": "box_head.output", "logits": "cls_logits",
+        "jitter": "box_jitter.logits"}
 # Extra rows beside one row per kind (default parameters): the fusion's ablations.
 VARIANTS = {"pvalue_fusion_pooled": ("pvalue_fusion", {"class_conditional": False})}
 METRICS = ("auroc", "aupr_in", "fpr95")
 LABELS = {"auroc": "AUROC", "aupr_in": "AUPR-In", "fpr95": "FPR95"}
 
 
-def score_rows(roi_channels: int) -> dict[str, tuple[str, dict]]:
+def score_rows(roi_channels: int, residual_dim: int = 64) -> dict[str, tuple[str, dict]]:
     """Table row name -> (score kind, parameters): every registered kind, then the variants."""
-    rows = {kind: (kind, {"channels": roi_channels} if kind == "particul" else {})
-            for kind in sorted(SCORE_CLASSES)}
+    params = {"particul": {"channels": roi_channels}, "residual": {"dim": residual_dim}, FUSION: {"of": FUSION_OF}}
+    rows = {kind: (kind, params.get(kind, {})) for kind in sorted(SCORE_CLASSES)}
     rows.update(VARIANTS)
     return rows
 
 
 def tap_of(kind: str) -> str:
+    if kind in JITTER_KINDS:
+        return "jitter"
     return "roi" if kind in ROI_KINDS else "logits" if kind in LOGIT_KINDS else "penultimate"
 
 
 def build_spec(detector: dict, data: dict, rows: dict[str, tuple[str, dict]], detector_score="f1"):
     """A certood spec (as data) holding every score row; validated like any user spec."""
     spec = {"version": 1, "detector": detector, "data": data,
-            "taps": {"roi": "box_head.input", "penultimate": "box_head.output", "logits": "cls_logits"},
+            "taps": TAPS,
             "scores": {name: {"kind": kind, "tap": tap_of(kind), **params} for name, (kind, params) in rows.items()},
             "threshold": {"tpr": 0.95, "detector_score": detector_score}}
     return load_spec_text(json.dumps(spec), filename="<ood_table>")
@@ -102,17 +115,20 @@ def object_coverage(dets, dataset) -> float | None:
 
 
 def timed_scores(monitor, dets, repeats: int) -> tuple[dict, dict]:
-    """Every score on every box of ``dets`` and its best wall time over ``repeats`` runs."""
+    """Every score on every box of ``dets`` and its best wall time over ``repeats`` runs (a
+    fusion: its own time, after the scores it reads)."""
     values, seconds = {}, {}
-    for name, score in monitor.scores.items():
-        x = score_input(monitor.spec, name, dets)
+    order = sorted(monitor.scores, key=lambda n: is_fusion(monitor.spec, n))
+    for name in order:
+        score = monitor.scores[name]
+        x = score_input(monitor.spec, name, dets, values)
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
             v = score.score(x)
             best = min(best, time.perf_counter() - start)
         values[name], seconds[name] = v.detach().double(), best
-    return values, seconds
+    return {n: values[n] for n in monitor.scores}, seconds
 
 
 def ci_entry(id_s, ood_s, id_g, ood_g, n_boot: int) -> dict:
@@ -131,7 +147,9 @@ def evaluate_sets(monitor, detector, sources: dict, repeats: int, progress=None)
         dets_all = extract_detections(detector, dataset, monitor.tap_points, progress=progress)
         dets = dets_all.select(dets_all.det_scores >= monitor.detector_threshold)
         values, seconds = timed_scores(monitor, dets, repeats)
-        part = {"dets": dets, "values": values, "score_seconds": seconds, "detector_seconds": dets_all.seconds,
+        part = {"dets": dets, "values": values, "score_seconds": seconds,
+                "detector_seconds": dets_all.seconds - dets_all.optional_seconds,
+                "optional_seconds": dets_all.optional_seconds,
                 "n_images": dets_all.n_images, "coverage": object_coverage(dets, dataset),
                 "protocol": source.protocol}
         if source.protocol == "gt_matched":
@@ -181,7 +199,7 @@ def compare_fusion(results: dict, getters: dict, n_boot: int) -> dict:
     """Per set: the fusion against the best other score (by AUROC, then by FPR95)."""
     out = {}
     for set_name, per_score in results.items():
-        others = {k: v for k, v in per_score.items() if not k.startswith(FUSION)}
+        others = {k: v for k, v in per_score.items() if not k.startswith(OWN_FUSIONS)}
         if FUSION not in per_score or not others:
             continue
         entry = {}
@@ -220,6 +238,10 @@ def costs(parts: dict) -> dict:
     n_images = sum(p["n_images"] for p in parts.values())
     names = list(next(iter(parts.values()))["score_seconds"])
     per = {k: sum(p["score_seconds"][k] for p in parts.values()) for k in names}
+    if "jitter_kl" in per:  # its extra box-head passes ran inside the detector call: charged here
+        per["jitter_kl"] += sum(p.get("optional_seconds", 0.0) for p in parts.values())
+    if FUSION in per:  # a fusion costs what it reads, plus its own lookup
+        per[FUSION] += sum(per[c] for c in FUSION_OF if c in per)
     ratio = {k: v / det for k, v in per.items()}
     single = [k for k in names if k not in MULTI_PASS and k not in VARIANTS]
     return {"detector_seconds": det, "images": n_images, "boxes": n_boxes,
@@ -279,7 +301,7 @@ def render_markdown(record: dict) -> str:
               "Several passes / gradients, reported alone: "
               + ", ".join(f"{k} {100 * v:.2f}%" for k, v in c["multi_pass"].items()) + ".", ""]
     if record.get("fusion"):
-        lines += ["## p-value fusion vs the best other score", "",
+        lines += [f"## The enhancement ({FUSION} of {', '.join(FUSION_OF)}) vs the best other score", "",
                   "| set | metric | best other | its value [CI] | fusion [CI] | CIs disjoint, fusion better | "
                   "paired diff (fusion - other) [CI] |", "|---|---|---|---|---|---|---|"]
         for set_name, e in record["fusion"].items():
@@ -306,6 +328,8 @@ def parse_args(argv):
     p.add_argument("--min-size", type=int, default=None)
     p.add_argument("--max-size", type=int, default=None)
     p.add_argument("--score-thresh", type=float, default=0.05, help="detector's own box score floor")
+    p.add_argument("--residual-dim", type=int, default=64,
+                   help="principal directions of the residual score (fewer than the fit boxes)")
     p.add_argument("--detector-score", default="f1",
                    help="monitored boxes: 'f1' (F1-optimal cut on calibration data) or a fixed score cut")
     p.add_argument("--fit-annotations", type=Path)
@@ -384,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     cut = args.detector_score if args.detector_score == "f1" else float(args.detector_score)
     probe = build_spec(detector_block, data, {"energy": ("energy", {})}, cut)
     detector = load_spec_detector(probe)
-    rows = score_rows(int(detector.model.backbone.out_channels))
+    rows = score_rows(int(detector.model.backbone.out_channels), args.residual_dim)
     if args.scores:
         wanted = args.scores.split(",")
         unknown = sorted(set(wanted) - set(rows))

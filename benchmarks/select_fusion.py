@@ -1,6 +1,7 @@
-"""Choose the p-value fusion's defaults on ID data only, with OOD synthesised from ID digits.
+"""Choose the p-value fusion (its components and defaults) on ID data only, with OOD
+synthesised from ID digits.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/select_fusion.py      # ~2-3 min on 2 cores
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/select_fusion.py      # ~4-5 min on 2 cores
 
 The DigitsDet splits ``ood-near``, ``ood-far`` and ``mixed`` stand in for held-out OOD data,
 so nothing about ``pvalue_fusion`` is tuned on them. Instead, two OOD-like sets are
@@ -19,6 +20,16 @@ mean AUROC over the two synthetic sets wins; a variant within 0.005 of it that i
 (fewer components, then fisher over the others, then class-conditional as argued in
 certood.scores.pvalue_fusion) is preferred. Writes
 ``benchmarks/results/fusion_selection.{md,json}``.
+
+Two rounds of candidates, both judged by that rule on these proxies only:
+
+1. ``pvalue_fusion`` variants (energy, Mahalanobis, kNN, ViM residual, all on the penultimate
+   features): em_fisher_cc won (session 1);
+2. ``fusion`` of named scores read at other taps (session 2): the RoI residual (``residual``
+   on ``box_head.input``) and box-jitter consistency (``jitter_kl`` on ``box_jitter.logits``),
+   each with energy and/or Mahalanobis. These components were first screened on the same two
+   proxies (about 120 variants: RoI Mahalanobis/kNN/residual, box-regression spread, box
+   geometry, jitter energy/KL/flip rates); the ones below are the screen's best of each family.
 """
 from __future__ import annotations
 
@@ -43,23 +54,31 @@ from certood.spec import load_spec_text
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ood_table import object_coverage, tap_of, timed_scores  # noqa: E402  (same folder)
+from ood_table import TAPS, object_coverage, tap_of, timed_scores  # noqa: E402  (same folder)
 
 SYNTH = ("synth-chimera", "synth-scrambled")
 EM = ["energy", "mahalanobis"]
-CANDIDATES = {  # name -> pvalue_fusion parameters
-    "em_fisher_cc": {"components": EM, "combine": "fisher", "class_conditional": True},
-    "em_fisher_pooled": {"components": EM, "combine": "fisher", "class_conditional": False},
-    "em_stouffer_cc": {"components": EM, "combine": "stouffer", "class_conditional": True},
-    "em_stouffer_pooled": {"components": EM, "combine": "stouffer", "class_conditional": False},
-    "em_min_cc": {"components": EM, "combine": "min", "class_conditional": True},
-    "em_min_pooled": {"components": EM, "combine": "min", "class_conditional": False},
-    "ek_fisher_cc": {"components": ["energy", "knn"], "combine": "fisher", "class_conditional": True},
-    "emk_fisher_cc": {"components": EM + ["knn"], "combine": "fisher", "class_conditional": True},
-    "emr_fisher_cc": {"components": EM + ["residual"], "combine": "fisher", "class_conditional": True},
-    "emkr_fisher_cc": {"components": EM + ["knn", "residual"], "combine": "fisher", "class_conditional": True},
+
+
+def _pv(components: list[str], combine: str = "fisher", class_conditional: bool = True) -> tuple[str, dict]:
+    return "pvalue_fusion", {"components": components, "combine": combine, "class_conditional": class_conditional}
+
+
+CANDIDATES = {  # name -> (kind, parameters): round 1 (pvalue_fusion), then round 2 (fusion)
+    "em_fisher_cc": _pv(EM), "em_fisher_pooled": _pv(EM, class_conditional=False),
+    "em_stouffer_cc": _pv(EM, "stouffer"), "em_stouffer_pooled": _pv(EM, "stouffer", False),
+    "em_min_cc": _pv(EM, "min"), "em_min_pooled": _pv(EM, "min", False),
+    "ek_fisher_cc": _pv(["energy", "knn"]), "emk_fisher_cc": _pv(EM + ["knn"]),
+    "emr_fisher_cc": _pv(EM + ["residual"]), "emkr_fisher_cc": _pv(EM + ["knn", "residual"]),
+    "f_e_resid": ("fusion", {"of": ["energy", "residual"]}),
+    "f_e_jkl": ("fusion", {"of": ["energy", "jitter_kl"]}),
+    "f_em_resid": ("fusion", {"of": EM + ["residual"]}),
+    "f_em_jkl": ("fusion", {"of": EM + ["jitter_kl"]}),
+    "f_e_resid_jkl": ("fusion", {"of": ["energy", "residual", "jitter_kl"]}),
+    "f_em_resid_jkl": ("fusion", {"of": EM + ["residual", "jitter_kl"]}),
 }
-REFERENCE = ("energy", "mahalanobis", "knn", "vim", "msp")  # single scores, for orientation
+# single scores, for orientation; the fusions of round 2 read them by these names
+REFERENCE = ("energy", "mahalanobis", "knn", "vim", "msp", "residual", "jitter_kl")
 COMBINE_ORDER = {"fisher": 0, "stouffer": 1, "min": 2}
 
 
@@ -107,8 +126,11 @@ def write_synthetic(out: Path, n_images: int = 150, seed: int = 0) -> Path:
     return out
 
 
-def simplicity(params: dict) -> tuple:
-    return (len(params["components"]), COMBINE_ORDER[params["combine"]], not params["class_conditional"])
+def simplicity(candidate: tuple[str, dict]) -> tuple:
+    """Fewer components, then fisher, then class-conditional (the defaults of both kinds)."""
+    _, params = candidate
+    components = params.get("components", params.get("of"))
+    return (len(components), COMBINE_ORDER[params.get("combine", "fisher")], not params.get("class_conditional", True))
 
 
 def choose(results: dict) -> tuple[str, float]:
@@ -129,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     root = ensure_digitsdet()
     synth = write_synthetic(root.parent / f"{root.name}-synthetic-ood-{args.synthetic_images}",
                             args.synthetic_images)
-    rows = {k: ("pvalue_fusion", v) for k, v in CANDIDATES.items()}
+    rows = dict(CANDIDATES)
     rows.update({k: (k, {}) for k in REFERENCE})
     spec = load_spec_text(json.dumps({
         "version": 1,
@@ -138,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": {"fit": {"digitsdet": "train", "max_images": args.fit_images},
                  "calibration": {"digitsdet": "val"},
                  "ood": {s: {"annotations": str(synth / f"{s}.json"), "images": str(synth / s)} for s in SYNTH}},
-        "taps": {"roi": "box_head.input", "penultimate": "box_head.output", "logits": "cls_logits"},
+        "taps": TAPS,
         "scores": {k: {"kind": kind, "tap": tap_of(kind), **params} for k, (kind, params) in rows.items()},
     }), filename="<select_fusion>")
     detector = load_spec_detector(spec)
@@ -159,12 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     record = {"command": ("OMP_NUM_THREADS=2 .venv/bin/python benchmarks/select_fusion.py "
                           + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
               "seconds": round(time.perf_counter() - start, 1), "detector_sha256": detector.weights_sha256,
-              "detector_threshold": monitor.detector_threshold, "sets": sets, "candidates": CANDIDATES,
-              "results": results, "winner": winner, "winner_params": CANDIDATES[winner],
+              "detector_threshold": monitor.detector_threshold, "sets": sets, "candidates": {k: {"kind": v[0], **v[1]} for k, v in CANDIDATES.items()},
+              "results": results, "winner": winner, "winner_kind": CANDIDATES[winner][0],
+              "winner_params": CANDIDATES[winner][1],
               "best_mean_auroc": best, "versions": {"torch": torch.__version__, "python": platform.python_version()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = ["# Choosing pvalue_fusion's defaults on ID data only", "",
+    lines = ["# Choosing the p-value fusion on ID data only", "",
              f"Command: `{record['command']}` ({record['seconds']:.0f} s). OOD proxies synthesised from the "
              "ID val digits (see the script's docstring); ID boxes: val. No ood-near/ood-far/mixed data used.", "",
              "| set | images | monitored boxes | objects with a box |", "|---|---|---|---|"]
@@ -177,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = " | ".join(f"{results[s][k]['auroc']:.3f} | {results[s][k]['fpr95']:.3f}" for s in SYNTH)
         mean = np.mean([results[s][k]["auroc"] for s in SYNTH])
         lines.append(f"| {'**' + k + '**' if k == winner else k} | {cells} | {mean:.3f} |")
-    lines += ["", f"Chosen (rule in the script's docstring): **{winner}** = `{json.dumps(CANDIDATES[winner])}`.", ""]
+    lines += ["", f"Chosen (rule in the script's docstring): **{winner}** = kind `{CANDIDATES[winner][0]}`, `{json.dumps(CANDIDATES[winner][1])}`.", ""]
     args.out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

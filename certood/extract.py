@@ -36,6 +36,7 @@ class DatasetDetections:
     taps: dict[str, torch.Tensor]  # tap point -> [N, ...]
     n_images: int  # images actually processed (unreadable ones are skipped)
     seconds: float  # detector wall time, for cost ratios
+    optional_seconds: float = 0.0  # of which on optional tap points (box_jitter.logits): not the forward pass
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -43,7 +44,7 @@ class DatasetDetections:
     def select(self, keep: torch.Tensor) -> "DatasetDetections":
         return DatasetDetections(self.name, self.image_ids[keep], self.boxes[keep], self.labels[keep],
                                  self.det_scores[keep], {k: v[keep] for k, v in self.taps.items()},
-                                 self.n_images, self.seconds)
+                                 self.n_images, self.seconds, self.optional_seconds)
 
     def coco_results(self, label_to_category: list[int]) -> list[dict]:
         """Detections in the COCO results format (for pycocotools)."""
@@ -78,9 +79,14 @@ def extract_detections(detector: Detector, dataset: CocoDataset, points: Iterabl
     ids, boxes, labels, scores = [], [], [], []
     taps: dict[str, list[torch.Tensor]] = {p: [] for p in points}
     n_images, seconds = 0, 0.0
+    optional = [p for p in points if p in getattr(detector, "optional_tap_points", ())]
+    optional_start = getattr(detector, "optional_seconds", 0.0)
     for batch in _batches(images, batch_size):
         start = time.perf_counter()
-        results = detector.detect([image for _, image in batch])
+        if optional:  # tap points the detector computes only on request
+            results = detector.detect([image for _, image in batch], optional=optional)
+        else:
+            results = detector.detect([image for _, image in batch])
         seconds += time.perf_counter() - start
         for (record, _), det in zip(batch, results):
             n_images += 1
@@ -90,10 +96,11 @@ def extract_detections(detector: Detector, dataset: CocoDataset, points: Iterabl
             scores.append(det.scores)
             for p in points:
                 taps[p].append(det.taps[p])
+    optional_seconds = getattr(detector, "optional_seconds", 0.0) - optional_start
     if not ids:
         empty = torch.zeros(0)
         return DatasetDetections(dataset.name, empty.long(), empty.reshape(0, 4), empty.long(), empty,
-                                 {p: empty.reshape(0, 0) for p in points}, n_images, seconds)
+                                 {p: empty.reshape(0, 0) for p in points}, n_images, seconds, optional_seconds)
     return DatasetDetections(dataset.name, torch.cat(ids), torch.cat(boxes), torch.cat(labels),
                              torch.cat(scores), {p: torch.cat(v) for p, v in taps.items()},
-                             n_images, seconds)
+                             n_images, seconds, optional_seconds)

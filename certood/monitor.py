@@ -17,13 +17,14 @@ Logit taps feed scores their foreground columns only (torchvision puts backgroun
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from certood.data.coco import CocoDataset
-from certood.errors import DataError
+from certood.errors import CertoodError, DataError
 from certood.extract import DatasetDetections, Detector, ProgressFactory, extract_detections
 from certood.metrics import f1_optimal_threshold, gt_match_status, match_detections, match_to_any_class
 from certood.scores import Score, build_score
@@ -56,8 +57,7 @@ class Monitor:
 
     def score_boxes(self, dets: DatasetDetections) -> dict[str, torch.Tensor]:
         """Every score of the spec on every box of ``dets`` (higher = more OOD)."""
-        return {name: self.scores[name].score(score_input(self.spec, name, dets))
-                for name in self.spec.scores}
+        return score_values(self.spec, self.scores, dets)
 
     def flag(self, values: dict[str, torch.Tensor], labels: torch.Tensor | None = None) -> torch.Tensor:
         """The rule's verdict per box (True = flagged as OOD); ``labels``, each box's predicted
@@ -66,13 +66,64 @@ class Monitor:
         return self.spec.rule.evaluate(values, thresholds, labels)
 
 
-def score_input(spec: Spec, score_name: str, dets: DatasetDetections) -> torch.Tensor:
-    """The features a score reads: its tap, foreground columns only for logit taps."""
+def is_fusion(spec: Spec, name: str) -> bool:
+    """Whether score ``name`` combines other scores of the spec (kind ``fusion``)."""
+    return spec.scores[name].kind == "fusion"
+
+
+def score_input(spec: Spec, score_name: str, dets: DatasetDetections,
+                values: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The features a score reads: its tap, foreground columns only for logit taps. A fusion
+    reads the ``values`` of the scores it combines, then its tap's foreground logits."""
     point = spec.taps[spec.scores[score_name].tap]
     x = dets.taps[point].float()
     if TAP_POINTS[point] == "logits":
         x = x[:, 1:]
-    return x.flatten(1)
+    x = x.flatten(1)
+    if not is_fusion(spec, score_name):
+        return x
+    of = spec.scores[score_name].params["of"]
+    if values is None or any(c not in values for c in of):
+        raise CertoodError(f"score {score_name}: a fusion reads the values of {', '.join(of)}: compute them first")
+    return torch.cat([torch.stack([values[c].double() for c in of], dim=1), x.double()], dim=1)
+
+
+def score_values(spec: Spec, scores: dict[str, Score], dets: DatasetDetections) -> dict[str, torch.Tensor]:
+    """Every score of ``spec`` on the boxes of ``dets``, fusions after the scores they read;
+    in the spec's order."""
+    values: dict[str, torch.Tensor] = {}
+    for fusions in (False, True):
+        for name in spec.scores:
+            if is_fusion(spec, name) == fusions:
+                values[name] = scores[name].score(score_input(spec, name, dets, values))
+    return {name: values[name] for name in spec.scores}
+
+
+def fusion_reference(spec: Spec, name: str, fusion: Score, scores: dict[str, Score], fit: DatasetDetections,
+                     fit_labels: torch.Tensor, detector) -> torch.Tensor:
+    """The reference rows a fusion is fitted on: every fused score's values on the fit boxes
+    **out of fold** (a fitted score is refitted on the other folds of ``fusion.fold_of``
+    and scores the held-out one; a score without fitted state is evaluated as it is), then
+    the fusion's own foreground logits."""
+    fold = fusion.fold_of(len(fit))
+    columns: dict[str, torch.Tensor] = {}
+    for other in spec.scores[name].params["of"]:
+        s, fitted = spec.scores[other], scores[other]
+        extras = detector_extras(fitted, detector)
+        x = score_input(spec, other, fit)
+        if not (fitted.needs_fit or extras):
+            columns[other] = fitted.score(x)
+            continue
+        column = torch.empty(len(fit), dtype=torch.float64)
+        for f in range(fusion.folds):
+            held = fold == f
+            part = build_score(s.kind, s.params)
+            with warnings.catch_warnings():  # a class missing from a fold: the full fit warns already
+                warnings.simplefilter("ignore", UserWarning)
+                part.fit(x[~held], fit_labels[~held], **extras)
+            column[held] = part.score(x[held]).double()
+        columns[other] = column
+    return score_input(spec, name, fit, columns)
 
 
 def load_dataset(source, name: str) -> CocoDataset:
@@ -193,15 +244,21 @@ def calibrate(spec: Spec, detector: Detector, num_classes: int,
     if len(fit) == 0:
         raise DataError("fit set: no detection overlaps a ground-truth object; cannot fit scores")
 
-    scores, cal_values = {}, {}
-    for name, s in spec.scores.items():
+    scores = {}
+    for name, s in spec.scores.items():  # fusions after the scores they combine
+        if is_fusion(spec, name):
+            continue
         score = build_score(s.kind, s.params)
         extras = detector_extras(score, detector)
         if score.needs_fit or extras:
             score.fit(score_input(spec, name, fit), fit_labels, **extras)
-        values = score.score(score_input(spec, name, cal))
         scores[name] = score
-        cal_values[name] = values
+    for name, s in spec.scores.items():
+        if is_fusion(spec, name):
+            fusion = build_score(s.kind, s.params)
+            scores[name] = fusion.fit(fusion_reference(spec, name, fusion, scores, fit, fit_labels, detector))
+    scores = {name: scores[name] for name in spec.scores}
+    cal_values = score_values(spec, scores, cal)
     set_on = set_thresholds(spec, detector, scores, cal, cal_values, det_threshold, taps, progress)
     thresholds = compute_thresholds(spec.threshold, set_on[0], set_on[1], len(label_to_category) + 1,
                                     MIN_CLASS_BOXES, spec.threshold.on or "calibration")
@@ -231,4 +288,4 @@ def set_thresholds(spec: Spec, detector: Detector, scores: dict[str, Score], cal
     dataset = load_dataset(spec.data.ood_validation[name], f"ood_validation/{name}")
     dets = extract_detections(detector, dataset, taps, progress=progress)
     dets = dets.select(dets.det_scores >= det_threshold)
-    return {k: score.score(score_input(spec, k, dets)) for k, score in scores.items()}, dets.labels
+    return score_values(spec, scores, dets), dets.labels

@@ -79,7 +79,8 @@ def test_public_benchmark_code_path_runs(public_like, tmp_path):
             "--ood", f"mixedset={sets['mixedset'][0]}:{sets['mixedset'][1]}", "--gt-matched", "mixedset",
             "--arch", "digits_fasterrcnn", "--weights", str(weights), "--num-classes", "21",
             "--min-size", "64", "--max-size", "64", "--score-thresh", "0.0", "--detector-score", "0.0",
-            "--n-boot", "20", "--timing-repeats", "1", "--threads", "1", "--out", str(out)]
+            "--n-boot", "20", "--timing-repeats", "1", "--threads", "1", "--residual-dim", "8",
+            "--out", str(out)]
     assert table.main(argv) == 0
     record = json.loads(out.with_suffix(".json").read_text())
     markdown = out.with_suffix(".md").read_text()
@@ -98,7 +99,7 @@ def test_public_benchmark_code_path_runs(public_like, tmp_path):
                 assert 0 <= lo <= hi <= 1 and np.isfinite(m[metric])
         assert f"## {name} (box:" in markdown
     cost = record["cost"]
-    assert set(cost["multi_pass"]) == {"odin", "gradnorm", "mc_dropout"}
+    assert set(cost["multi_pass"]) == {"odin", "gradnorm", "mc_dropout", "jitter_kl", "fusion"}
     assert cost["single_pass_sum_ratio"] == pytest.approx(sum(cost["ratio"][k] for k in cost["single_pass_scores"]))
     assert "pvalue_fusion" in cost["single_pass_scores"] and "odin" not in cost["single_pass_scores"]
     assert record["scores"]["particul"]["params"]["channels"] == 64  # read off the detector
@@ -115,3 +116,14 @@ def test_public_benchmark_needs_fit_data(public_like):
         table.main(["--fit-annotations", str(sets["fit"][0]), "--fit-images", str(sets["fit"][1]),
                     "--id-annotations", str(sets["id"][0]), "--id-images", str(sets["id"][1]),
                     "--ood", "coco", "--weights", str(weights)])
+
+
+def test_costs_charge_the_jitter_passes_to_jitter_kl_and_a_fusion_its_components():
+    table = _load_table_module()
+    part = {"dets": [0] * 10, "n_images": 4, "detector_seconds": 2.0, "optional_seconds": 0.2,
+            "score_seconds": {"energy": 0.01, "residual": 0.03, "jitter_kl": 0.005, "fusion": 0.002, "odin": 0.5}}
+    c = table.costs({"a": part})
+    assert c["detector_seconds"] == 2.0  # the forward pass alone: the jitter passes are not in it
+    assert c["ratio"]["jitter_kl"] == pytest.approx(0.205 / 2.0)
+    assert c["ratio"]["fusion"] == pytest.approx((0.002 + 0.01 + 0.03 + 0.205) / 2.0)
+    assert set(c["single_pass_scores"]) == {"energy", "residual"}

@@ -5,7 +5,13 @@ Tap points (where a monitor can read features), in forward order:
 - ``box_head.input``  the RoIAlign feature of the box's proposal, flattened (the region
   that certificates perturb);
 - ``box_head.output`` the box-head MLP output (penultimate features);
-- ``cls_logits``      the class logits, background column first.
+- ``cls_logits``      the class logits, background column first;
+- ``box_jitter.logits`` (computed only when a monitor reads it) the class logits of the
+  detection itself, then of :data:`JITTERS` jittered copies of its final box re-pooled from
+  the same feature maps through the same box head: ``[N, (K + 1) * C]``, block 0 = the
+  detection's own. A detection-specific signal: the box head of an object it knows keeps
+  its class distribution when the box moves a little; on unknown objects it does not
+  (certood.scores.jitter_kl). Costs K extra box-head passes per box, no backbone pass.
 
 The forward pass is written out stage by stage (transform, backbone, RPN, RoI pooling,
 box head, predictor) instead of hooked, and NMS carries each proposal's row index through
@@ -13,6 +19,7 @@ every filter, so each kept detection is tied to the exact feature row that produ
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -30,6 +37,9 @@ from certood.spec.v1 import ARCHS, BUILTIN_WEIGHTS as SPEC_BUILTIN_WEIGHTS
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TAP_POINTS = ("box_head.input", "box_head.output", "cls_logits")  # the two-stage taps of the spec
+JITTER_TAP = "box_jitter.logits"
+JITTER_SCALE = 0.2  # shifts by 20% of the box's width / height, scales 0.8 and 1.2, aspect 1.2:0.8
+JITTERS = 8
 BUILTIN_WEIGHTS = {name: ASSETS / f"{name}.safetensors" for name in SPEC_BUILTIN_WEIGHTS}
 
 
@@ -142,6 +152,27 @@ def postprocess_with_rows(roi_heads, class_logits: torch.Tensor, box_regression:
     return out
 
 
+def jitter_boxes(boxes: torch.Tensor, image_size: tuple[int, int], s: float = JITTER_SCALE) -> torch.Tensor:
+    """``[N, 4]`` xyxy boxes -> ``[N, 8, 4]`` jittered copies, clipped to ``image_size`` (h, w):
+    shifted by ``s`` times the width right and left and the height down and up, scaled by
+    ``1 + s`` and ``1 - s`` about the centre, and stretched ``(1 + s, 1 - s)`` and
+    ``(1 - s, 1 + s)`` in (width, height).
+
+    >>> jitter_boxes(torch.tensor([[10., 10., 20., 30.]]), (100, 100), 0.1)[0, :2].tolist()
+    [[11.0, 10.0, 21.0, 30.0], [9.0, 10.0, 19.0, 30.0]]
+    """
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    moves = [(s, 0, 1, 1), (-s, 0, 1, 1), (0, s, 1, 1), (0, -s, 1, 1),  # (dx/w, dy/h, w scale, h scale)
+             (0, 0, 1 + s, 1 + s), (0, 0, 1 - s, 1 - s), (0, 0, 1 + s, 1 - s), (0, 0, 1 - s, 1 + s)]
+    out = []
+    for dx, dy, sw, sh in moves:
+        x, y, hw, hh = cx + dx * w, cy + dy * h, w * sw / 2, h * sh / 2
+        out.append(torch.stack([x - hw, y - hh, x + hw, y + hh], dim=1))
+    jittered = torch.stack(out, dim=1)
+    return box_ops.clip_boxes_to_image(jittered.reshape(-1, 4), image_size).reshape(jittered.shape)
+
+
 class TorchvisionFasterRCNN:
     """Adapter around a torchvision ``FasterRCNN``: images in, :class:`Detections` out.
 
@@ -151,12 +182,14 @@ class TorchvisionFasterRCNN:
     ['box_head.input', 'box_head.output', 'cls_logits']
     """
 
-    tap_points = TAP_POINTS
+    tap_points = TAP_POINTS + (JITTER_TAP,)
+    optional_tap_points = (JITTER_TAP,)  # computed only when asked for (detect(optional=...))
 
     def __init__(self, model: detection.FasterRCNN, weights_sha256: str = "", device: str = "cpu"):
         self.model = model.eval().to(device)
         self.weights_sha256 = weights_sha256
         self.device = device
+        self.optional_seconds = 0.0  # time spent on optional tap points, for cost ratios
 
     @property
     def num_classes(self) -> int:
@@ -184,8 +217,9 @@ class TorchvisionFasterRCNN:
         return lambda x: head(x)[:, 1:]
 
     @torch.no_grad()
-    def detect(self, images: list[torch.Tensor]) -> list[Detections]:
-        """Run the detector on float CHW images in [0, 1]; one :class:`Detections` per image."""
+    def detect(self, images: list[torch.Tensor], optional: tuple[str, ...] | list[str] = ()) -> list[Detections]:
+        """Run the detector on float CHW images in [0, 1]; one :class:`Detections` per image,
+        with the optional tap points in ``optional`` too (``box_jitter.logits``)."""
         m = self.model
         batch, features, original_sizes = run_backbone(m, images, self.device)
         proposals, _ = m.rpn(batch, features)
@@ -197,14 +231,33 @@ class TorchvisionFasterRCNN:
                 "cls_logits": class_logits}
         results = []
         kept = postprocess_with_rows(rh, class_logits, box_regression, proposals, batch.image_sizes)
-        for (boxes, scores, labels, rows), resized, original in zip(kept, batch.image_sizes, original_sizes):
+        jitter = None
+        if JITTER_TAP in optional:
+            start = time.perf_counter()
+            jitter = self._jitter_logits(features, kept, batch.image_sizes)
+            self.optional_seconds += time.perf_counter() - start
+        for i, ((boxes, scores, labels, rows), resized, original) in enumerate(
+                zip(kept, batch.image_sizes, original_sizes)):
             boxes = _resize_boxes(boxes, resized, original)
+            image_taps = {k: v[rows].cpu() for k, v in taps.items()}
+            if jitter is not None:
+                image_taps[JITTER_TAP] = torch.cat([class_logits[rows], jitter[i]], dim=1).cpu()
             results.append(Detections(
                 boxes=boxes.cpu(), labels=labels.cpu(), scores=scores.cpu(),
-                logits=class_logits[rows].cpu(),
-                taps={k: v[rows].cpu() for k, v in taps.items()},
+                logits=class_logits[rows].cpu(), taps=image_taps,
             ))
         return results
+
+    def _jitter_logits(self, features, kept, image_sizes) -> list[torch.Tensor]:
+        """Per image ``[n, K * C]``: class logits at the jittered copies of each kept box
+        (in the transformed image's coordinates, where the feature maps live)."""
+        rh = self.model.roi_heads
+        jittered = [jitter_boxes(boxes, size).reshape(-1, 4) for (boxes, *_), size in zip(kept, image_sizes)]
+        logits, _ = rh.box_predictor(rh.box_head(rh.box_roi_pool(features, jittered, image_sizes)))
+        out = []
+        for (boxes, *_), part in zip(kept, logits.split([len(j) for j in jittered])):
+            out.append(part.reshape(len(boxes), -1))
+        return out
 
 
 def run_backbone(model, images: list[torch.Tensor], device: str):

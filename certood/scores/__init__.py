@@ -18,7 +18,9 @@ from certood.scores.box_abstraction import BoxAbstraction
 from certood.scores.dice import DICE
 from certood.scores.energy import Energy, energy_score
 from certood.scores.entropy import Entropy
+from certood.scores.fusion import Fusion
 from certood.scores.gradnorm import GradNorm
+from certood.scores.jitter_kl import JitterKL
 from certood.scores.knn import KNN
 from certood.scores.lared import LaRED
 from certood.scores.larem import LaREM
@@ -31,12 +33,13 @@ from certood.scores.particul import Particul
 from certood.scores.pvalue_fusion import PValueFusion
 from certood.scores.react import ReAct
 from certood.scores.relative_mahalanobis import RelativeMahalanobis
+from certood.scores.residual import Residual
 from certood.scores.vim import ViM
 
 SCORE_CLASSES: dict[str, type[Score]] = {cls.kind: cls for cls in (
     Energy, Mahalanobis, MaxSoftmax, MaxLogit, Entropy, ODIN, RelativeMahalanobis, KNN, ViM,
     ReAct, ASH, DICE, GradNorm, MCDropout, LaREM, LaRED, BoxAbstraction, ActivationPattern,
-    Particul, PValueFusion)}
+    Particul, PValueFusion, Fusion, Residual, JitterKL)}
 
 __all__ = ["ASH", "DICE", "KNN", "ODIN", "SCORE_CLASSES", "ActivationPattern", "BoxAbstraction",
            "Energy", "Entropy", "GradNorm", "LaRED", "LaREM", "MCDropout", "Mahalanobis",

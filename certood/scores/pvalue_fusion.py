@@ -72,6 +72,33 @@ def empirical_pvalues(values: Tensor, reference: Tensor) -> Tensor:
     return (1.0 + (ref.numel() - below).to(torch.float64)) / (1.0 + ref.numel())
 
 
+def class_pvalues(values: Tensor, predicted: Tensor, ref_scores: Tensor, ref_classes: Tensor,
+                  class_conditional: bool, min_class_boxes: int) -> Tensor:
+    """p-values ``[N, K]`` of ``values [N, K]`` against the reference rows ``ref_scores [M, K]``
+    of the same predicted class (``predicted [N]``, ``ref_classes [M]``); a class with fewer
+    than ``min_class_boxes`` reference rows, or ``class_conditional=False``: all of them.
+
+    >>> ref, cls = torch.tensor([[1.0], [2.0], [10.0], [20.0]]), torch.tensor([0, 0, 1, 1])
+    >>> class_pvalues(torch.tensor([[1.5], [1.5]]), torch.tensor([0, 1]), ref, cls, True, 2).flatten().tolist()
+    [0.6666666666666666, 1.0]
+    """
+    p = torch.empty_like(values, dtype=torch.float64)
+    pooled = torch.ones_like(predicted, dtype=torch.bool)
+    if class_conditional:
+        for c in predicted.unique().tolist():
+            ref_rows = ref_classes == c
+            if int(ref_rows.sum()) < min_class_boxes:
+                continue
+            rows = predicted == c
+            pooled[rows] = False
+            for k in range(values.shape[1]):
+                p[rows, k] = empirical_pvalues(values[rows, k], ref_scores[ref_rows, k])
+    if pooled.any():
+        for k in range(values.shape[1]):
+            p[pooled, k] = empirical_pvalues(values[pooled, k], ref_scores[:, k])
+    return p
+
+
 def combine_pvalues(p: Tensor, method: str) -> Tensor:
     """Combine p-values ``[N, K]`` into one statistic per row, higher = more OOD.
 
@@ -183,21 +210,8 @@ class PValueFusion(Score):
             raise CertoodError("pvalue_fusion: expected a fitted score, found an unfitted one")
         features = check_features(features, "pvalue_fusion.pvalues", self.feature_dim)
         values, predicted = self._components(features, self.parts)
-        p = torch.empty_like(values)
-        pooled = torch.ones_like(predicted, dtype=torch.bool)
-        if self.class_conditional:
-            for c in predicted.unique().tolist():
-                ref_rows = self.ref_classes == c
-                if int(ref_rows.sum()) < self.min_class_boxes:
-                    continue
-                rows = predicted == c
-                pooled[rows] = False
-                for k in range(values.shape[1]):
-                    p[rows, k] = empirical_pvalues(values[rows, k], self.ref_scores[ref_rows, k])
-        if pooled.any():
-            for k in range(values.shape[1]):
-                p[pooled, k] = empirical_pvalues(values[pooled, k], self.ref_scores[:, k])
-        return p
+        return class_pvalues(values, predicted, self.ref_scores, self.ref_classes,
+                             self.class_conditional, self.min_class_boxes)
 
     def _score(self, features: Tensor) -> Tensor:
         return combine_pvalues(self.pvalues(features), self.combine).to(features.dtype)

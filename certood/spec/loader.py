@@ -192,9 +192,28 @@ def _cross_check(norm, raw: dict, ctx: Collector) -> None:
                     repr(tap), did_you_mean(tap, taps_raw) or "define it under taps")
         elif kind.tap_point and taps.get(tap) in TAP_POINTS and TAP_POINTS[taps[tap]] != kind.tap_point:
             _wrong_tap_point(name, score["kind"], tap, taps, kind.tap_point, ctx)
+    for name, score in scores.items():
+        if isinstance(score, dict) and score["kind"] == "fusion" and isinstance(score.get("of"), list):
+            _check_fusion(name, score["of"], scores, ctx)
     if fitted and isinstance(data_raw, dict) and "fit" not in data_raw:
         ctx.add(("data", "fit"), f"a data source the scores {', '.join(fitted)} are fitted on",
                 "nothing", "add e.g. fit: {digitsdet: train}")
+
+
+def _check_fusion(name: str, of: list, scores: dict, ctx: Collector) -> None:
+    """A fusion combines other, non-fusion scores of the spec, each once."""
+    for i, other in enumerate(of):
+        where = ("scores", name, "of", i)
+        if other == name:
+            ctx.add(where, "the name of another score", repr(other), "a fusion cannot read itself")
+        elif other not in scores:
+            ctx.add(where, f"the name of a score of this spec (one of: {', '.join(n for n in scores if n != name)})",
+                    repr(other), did_you_mean(other, scores) or "define it under scores")
+        elif isinstance(scores[other], dict) and scores[other].get("kind") == "fusion":
+            ctx.add(where, "a score that is not itself a fusion", f"'{other}' (fusion)",
+                    "list the fused scores' components instead")
+        elif other in of[:i]:
+            ctx.add(where, "distinct score names", f"'{other}' twice")
 
 
 def _check_temporal(norm, raw: dict, ctx: Collector) -> list[Problem]:

@@ -21,6 +21,8 @@ TAP_POINTS: dict[str, str] = {
     "box_head.input": "features",  # pooled ROI features entering the box head
     "box_head.output": "features",  # the box head's output (penultimate features)
     "cls_logits": "logits",  # class logits, background included
+    # two-stage: class logits of the box and of 8 jittered copies of it (certood.scores.jitter_kl)
+    "box_jitter.logits": "jitter_logits",
     # one-stage detectors (RetinaNet, FCOS, SSDlite): read at the detection's anchor and location
     "head.input": "features",  # the pyramid feature entering the head (uniform-width levels only)
     "head.cls_features": "features",  # the classification tower's output (RetinaNet, FCOS)
@@ -221,6 +223,39 @@ SCORE_KIND_TABLE: dict[str, ScoreKind] = {
         description="class-conditional ID-calibrated p-values of energy and Mahalanobis (and optionally "
         "kNN, ViM residual) on penultimate features (needs the classifier), combined by Fisher's "
         "method; higher = more OOD",
+    ),
+    "residual": ScoreKind(
+        value_range=(0.0, None),
+        params={"dim": Field(Int(min=1, max=100_000), default=64,
+                             description="principal directions of the fit features kept")},
+        tap_point="features",
+        needs_fit=True,
+        description="norm of the feature outside the top-dim principal subspace of the fit features "
+        "(ViM's residual alone; meant for the RoI tap); higher = more OOD",
+    ),
+    "jitter_kl": ScoreKind(
+        value_range=(0.0, None),
+        params={"jitters": Field(Int(min=1, max=64), default=8,
+                                 description="jittered boxes per detection in the tap (the adapter gives 8)")},
+        tap_point="jitter_logits",
+        description="mean KL divergence from the box's class distribution to those of its jittered "
+        "copies (tap box_jitter.logits); higher = more OOD",
+    ),
+    "fusion": ScoreKind(
+        params={"of": Field(List(Str(SCORE_NAME, "a score name"), min_items=2), required=True,
+                            description="names of other scores of this spec to combine (at least 2, no fusion)"),
+                "combine": Field(Enum(("fisher", "stouffer", "min")), default="fisher",
+                                 description="how p-values are combined"),
+                "class_conditional": Field(Enum((False, True)), default=True,
+                                           description="p-values against the predicted class's ID boxes"),
+                "folds": Field(Int(min=2, max=20), default=5, description="cross-fitting folds of the reference"),
+                "min_class_boxes": Field(Int(min=1), default=50,
+                                         description="fewer reference boxes of a class: use the pooled reference"),
+                "seed": Field(Int(min=0), default=0, description="seed of the fold split")},
+        tap_point="logits",
+        needs_fit=True,
+        description="class-conditional ID-calibrated p-values of other scores of the spec (out of fold "
+        "on data.fit; the class from this tap's logits), combined by Fisher's method; higher = more OOD",
     ),
 }
 SCORE_KINDS: tuple[str, ...] = tuple(SCORE_KIND_TABLE)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from certood.detectors.base import Detections
 from certood.detectors.torchvision_frcnn import (
-    TAP_POINTS, TorchvisionFasterRCNN, digits_fasterrcnn, load_detector, load_state_dict,
+    JITTER_TAP, JITTERS, TAP_POINTS, TorchvisionFasterRCNN, digits_fasterrcnn, jitter_boxes, load_detector,
+    load_state_dict,
 )
 from certood.errors import CertoodError
 
@@ -114,6 +115,44 @@ def test_boxes_are_mapped_back_when_the_model_resizes():
         assert torch.equal(d.labels, ref["labels"])
         assert float(d.boxes.max()) > 64  # original 128x128 coordinates, not the 64x64 input
         assert float(d.boxes.min()) >= 0 and float(d.boxes.max()) <= 128
+
+
+def test_jitter_tap_is_the_box_logits_then_the_jittered_boxes_logits():
+    """Recomputed independently: torchvision.ops.roi_align on the backbone map at the jittered
+    boxes (in the resized image's coordinates), then the box head and classifier."""
+    from torchvision.ops import roi_align
+
+    model = _random_model(min_size=64, max_size=64)  # resizes: jitter in the feature maps' frame
+    det = TorchvisionFasterRCNN(model)
+    images = _images(((128, 128), (128, 96)), seed=4)
+    plain = det.detect(images)
+    dets = det.detect(images, optional=[JITTER_TAP])
+    rh = model.roi_heads
+    for image, d, p in zip(images, dets, plain):
+        assert JITTER_TAP not in p.taps and torch.equal(d.boxes, p.boxes)
+        C = d.logits.shape[1]
+        assert d.taps[JITTER_TAP].shape == (len(d), (JITTERS + 1) * C)
+        torch.testing.assert_close(d.taps[JITTER_TAP][:, :C], d.logits)
+        with torch.no_grad():
+            batch, _ = model.transform([image])
+            feature = model.backbone(batch.tensors)
+            (h, w), (oh, ow) = batch.image_sizes[0], image.shape[-2:]
+            boxes = d.boxes[:5] * torch.tensor([w / ow, h / oh, w / ow, h / oh])
+            jittered = jitter_boxes(boxes, (h, w)).reshape(-1, 4)
+            scale = feature.shape[-1] / batch.tensors.shape[-1]
+            pooled = roi_align(feature, [jittered], output_size=rh.box_roi_pool.output_size,
+                               spatial_scale=scale, sampling_ratio=rh.box_roi_pool.sampling_ratio)
+            logits = rh.box_predictor.cls_score(rh.box_head(pooled)).reshape(len(boxes), -1)
+        torch.testing.assert_close(d.taps[JITTER_TAP][:5, C:], logits, rtol=1e-4, atol=1e-4)
+
+
+def test_jitter_boxes_stay_inside_the_image():
+    boxes = torch.tensor([[0.0, 0.0, 30.0, 20.0], [90.0, 50.0, 100.0, 64.0]])
+    j = jitter_boxes(boxes, (64, 100))
+    assert j.shape == (2, JITTERS, 4)
+    assert float(j[..., 0::2].min()) >= 0 and float(j[..., 0::2].max()) <= 100
+    assert float(j[..., 1::2].min()) >= 0 and float(j[..., 1::2].max()) <= 64
+    assert not torch.equal(j[:, 0], j[:, 1])
 
 
 # ----------------------------------------------------------------------------- weights

@@ -25,20 +25,23 @@ def test_registry_and_build():
 
 @pytest.mark.parametrize("kind", sorted(SCORE_CLASSES))
 def test_params_rebuild_the_same_score(kind):
-    # 256 = 64 x 2 x 2 columns, so PARTICUL's default 64-channel maps fit too
-    x, y = torch.randn(60, 256).relu(), torch.arange(60) % 2
+    # 256 = 64 x 2 x 2 columns, so PARTICUL's default 64-channel maps fit too; 90 rows: more
+    # than residual's 64 directions; jitter_kl reads 8 + 1 blocks (252 = 9 x 28)
+    x, y = torch.randn(90, 256).relu(), torch.arange(90) % 2
+    x = x[:, :252] if kind == "jitter_kl" else x
+    params = {"of": ["a", "b"]} if kind == "fusion" else {}  # a fusion must name what it fuses
     cls = SCORE_CLASSES[kind]
     extra = {}
     if cls.needs_classifier:
         extra["classifier"] = (torch.randn(3, 256), torch.randn(3))
     if cls.needs_head:
         extra["head"] = torch.nn.Linear(256, 3)
-    s = build_score(kind, {}).fit(x, y, **extra)
+    s = build_score(kind, params).fit(x, y, **extra)
     rebuilt = build_score(kind, s.params()).load_state_tensors(s.state_tensors())
     if cls.needs_head:  # a head is never saved: it is given again
         rebuilt.fit(x, head=extra["head"])
     assert torch.equal(rebuilt.score(x), s.score(x))
-    assert s.kind == kind and s.score(x).shape == (60,)
+    assert s.kind == kind and s.score(x).shape == (90,)
 
 
 @pytest.mark.parametrize("kind", sorted(SCORE_CLASSES))
@@ -47,8 +50,11 @@ def test_spec_table_matches_the_classes(kind):
     assert entry.needs_fit == cls.needs_fit
     defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
                 if name != "self"}
+    if kind == "fusion":  # `of` has no default in specs: it is required
+        defaults.pop("of")
+        assert entry.params["of"].required
     if kind != "mahalanobis":  # its num_classes is not exposed in specs
-        assert {name: f.default for name, f in entry.params.items()} == defaults
+        assert {name: f.default for name, f in entry.params.items() if not f.required} == defaults
     if cls.needs_classifier or cls.needs_head:
         assert entry.tap_point == "features"
 

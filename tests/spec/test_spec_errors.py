@@ -196,7 +196,8 @@ def test_messages_say_expected_found_and_hint():
     split = issue(variant("ood-near}", "ood_near}"))
     assert split.expected.startswith("one of: train, val, test, ood-near, ood-far, mixed")
     point = issue(variant("roi: box_head.input", "roi: box_head"))
-    assert point.expected == "one of: box_head.input, box_head.output, cls_logits, head.input, head.cls_features"
+    assert point.expected == ("one of: box_head.input, box_head.output, cls_logits, box_jitter.logits, head.input, "
+                              "head.cls_features")
     tap = issue(variant("tap: penultimate", "tap: penultimat"))
     assert "roi, penultimate, logits" in tap.expected and tap.hint == "did you mean 'penultimate'?"
     boolean = issue(variant("{digitsdet: val}", "{digitsdet: off}"))

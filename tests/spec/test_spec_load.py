@@ -120,7 +120,8 @@ def test_missing_file_is_an_issue_not_a_crash(tmp_path):
 
 def test_public_constants():
     assert TAP_POINTS == {"box_head.input": "features", "box_head.output": "features", "cls_logits": "logits",
-                          "head.input": "features", "head.cls_features": "features"}
+                          "box_jitter.logits": "jitter_logits", "head.input": "features",
+                          "head.cls_features": "features"}
     assert SCORE_KINDS == tuple(SCORE_KIND_TABLE) and SCORE_KINDS[:2] == ("energy", "mahalanobis")
     from certood.scores import SCORE_CLASSES
     assert set(SCORE_KINDS) == set(SCORE_CLASSES)  # every spec kind can be built, and only those

@@ -1,0 +1,128 @@
+"""Fusion of other scores of a spec by ID-calibrated, class-conditional p-values.
+
+The box-level evidence of a detector comes from several places that no single score reads
+together: the classifier's logits (energy), the RoI feature the box head starts from
+(``residual``: activity outside the ID subspace), and how the box head answers when the box
+moves (``jitter_kl``, the ``box_jitter.logits`` tap). A ``fusion`` score combines the
+values of named scores of the same spec, each read at its own tap:
+
+- each component ``k`` is turned into an upper-tail p-value against the **out-of-fold**
+  values of the ID fit boxes of the same predicted class ``c`` (argmax of the foreground
+  logits): ``p_k = (1 + #{reference boxes of class c with s_k >= s_k(box)}) / (1 + n_c)``
+  (certood.scores.pvalue_fusion.class_pvalues; a class with fewer than ``min_class_boxes``
+  reference boxes uses the pooled reference). Out of fold: the monitor refits each fitted
+  component on ``folds - 1`` folds of the fit boxes and scores the held-out fold
+  (:func:`certood.monitor.fusion_reference`), so the reference is not shrunk by overfitting;
+- the p-values are combined by Fisher (``-2 sum log p_k``), Stouffer or min.
+
+Its input is ``[N, K + C]``: the K component values in ``of`` order, then the C foreground
+logits of its own tap (a logits tap), which give the predicted class. The values and the
+reference stay in the components' own units, so scales never need matching; the score is
+as cheap as a table lookup once its components are computed.
+
+Why it helps on detection, and why these components: the logits see what the classifier
+was trained to separate; the RoI residual sees feature activity in directions that no ID
+box uses (textures and strokes the box head never saw, in the 3,136 numbers before the MLP
+collapses them); box jitter sees instability of the prediction under the small box changes
+that localisation error produces anyway, which ID objects are trained to be robust to (the
+box head is trained on jittered proposals) and unknown objects are not. They fail on
+different boxes, and p-values put them on one ID-calibrated scale per class.
+
+>>> import torch
+>>> ref = torch.cat([torch.rand(200, 2, generator=torch.Generator().manual_seed(0)),
+...                  torch.eye(2).repeat(100, 1)], dim=1)     # 2 values, then 2 logits
+>>> f = Fusion(of=("a", "b"), min_class_boxes=10).fit(ref, torch.zeros(200, dtype=torch.long))
+>>> bool(f.score(torch.tensor([[5.0, 5.0, 1.0, 0.0]])) > f.score(torch.tensor([[0.1, 0.1, 1.0, 0.0]])))
+True
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from certood.errors import ArtifactError, CertoodError
+from certood.scores.base import Score, check_choice, check_features, check_int, check_state_shapes
+from certood.scores.pvalue_fusion import COMBINE, class_pvalues, combine_pvalues
+
+
+class Fusion(Score):
+    """p-value fusion of named component scores; ``fit([N, K + C] reference rows)`` where the
+    K values are out of fold (the monitor provides them) and the C columns are logits."""
+
+    kind = "fusion"
+
+    def __init__(self, of: tuple[str, ...] | list[str] = (), combine: str = "fisher",
+                 class_conditional: bool = True, folds: int = 5, min_class_boxes: int = 50,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if isinstance(of, str) or not isinstance(of, (tuple, list)) or len(of) < 2 \
+                or not all(isinstance(n, str) and n for n in of) or len(set(of)) != len(of):
+            raise CertoodError(f"fusion.of: expected a list of at least 2 distinct score names, found {of!r}")
+        self.of = tuple(of)
+        self.combine = check_choice("fusion.combine", combine, COMBINE)
+        if not isinstance(class_conditional, bool):
+            raise CertoodError(f"fusion.class_conditional: expected true or false, found {class_conditional!r}")
+        self.class_conditional = class_conditional
+        self.folds = check_int("fusion.folds", folds, minimum=2, maximum=20)
+        self.min_class_boxes = check_int("fusion.min_class_boxes", min_class_boxes)
+        self.seed = check_int("fusion.seed", seed, minimum=0)
+
+    def fold_of(self, n: int) -> Tensor:
+        """The cross-fitting fold of each of ``n`` fit rows (seeded): what the monitor refits on."""
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)) % self.folds
+
+    def _split(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        k = len(self.of)
+        x = features.to(torch.float64)
+        return x[:, :k], x[:, k:].argmax(dim=1)
+
+    def _fit(self, features: Tensor, labels: Tensor | None) -> None:
+        k = len(self.of)
+        if features.shape[1] < k + 2:
+            raise CertoodError(f"fusion.fit: expected rows of {k} component values then at least 2 logits, "
+                               f"found width {features.shape[1]}")
+        if features.shape[0] < 2 * self.folds:
+            raise CertoodError(f"fusion.fit: expected at least {2 * self.folds} reference rows, found "
+                               f"{features.shape[0]}")
+        values, predicted = self._split(features)
+        if not bool(torch.isfinite(values).all()):
+            raise CertoodError("fusion.fit: a component value of a reference row is not finite")
+        self.ref_scores, self.ref_classes = values.contiguous(), predicted.contiguous()
+        self.class_counts = torch.bincount(predicted, minlength=features.shape[1] - k)
+        self.feature_dim = features.shape[1]
+
+    def pvalues(self, features: Tensor) -> Tensor:
+        """The components' p-values ``[N, K]`` (float64, in ``of`` order)."""
+        if not self.is_fitted:
+            raise CertoodError("fusion: expected a fitted score, found an unfitted one")
+        values, predicted = self._split(check_features(features, "fusion.pvalues", self.feature_dim))
+        return class_pvalues(values, predicted, self.ref_scores, self.ref_classes,
+                             self.class_conditional, self.min_class_boxes)
+
+    def _score(self, features: Tensor) -> Tensor:
+        return combine_pvalues(self.pvalues(features), self.combine).to(features.dtype)
+
+    def state_tensors_spec(self) -> tuple[str, ...]:
+        return ("ref_scores", "ref_classes", "class_counts")
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        if not self.is_fitted:
+            return {}
+        return {"ref_scores": self.ref_scores.contiguous().clone(),
+                "ref_classes": self.ref_classes.contiguous().clone(),
+                "class_counts": self.class_counts.contiguous().clone()}
+
+    def _load(self, state: dict[str, Tensor]) -> None:
+        sizes = check_state_shapes("fusion", state, {"ref_scores": ("M", len(self.of)), "ref_classes": ("M",),
+                                                     "class_counts": ("C",)})
+        if state["ref_classes"].is_floating_point() or state["class_counts"].is_floating_point():
+            raise ArtifactError("fusion: expected integer ref_classes and class_counts, found floating point")
+        self.ref_scores = state["ref_scores"].to(torch.float64)
+        self.ref_classes, self.class_counts = state["ref_classes"].long(), state["class_counts"].long()
+        self.feature_dim = len(self.of) + sizes["C"]
+
+    def params(self) -> dict[str, Any]:
+        return {"of": list(self.of), "combine": self.combine, "class_conditional": self.class_conditional,
+                "folds": self.folds, "min_class_boxes": self.min_class_boxes, "seed": self.seed}
