@@ -144,7 +144,8 @@ def evaluate_sets(monitor, detector, sources: dict, repeats: int, progress=None)
     out = {}
     for name, source in sources.items():
         dataset = load_dataset(source, name)
-        dets_all = extract_detections(detector, dataset, monitor.tap_points, progress=progress)
+        dets_all = extract_detections(detector, dataset, monitor.tap_points, progress=progress,
+                                      min_score=monitor.detector_threshold)
         dets = dets_all.select(dets_all.det_scores >= monitor.detector_threshold)
         values, seconds = timed_scores(monitor, dets, repeats)
         part = {"dets": dets, "values": values, "score_seconds": seconds,

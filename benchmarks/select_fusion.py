@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset = load_dataset(spec.data.ood[s], s)
         from certood.extract import extract_detections
 
-        dets = extract_detections(detector, dataset, monitor.tap_points)
+        dets = extract_detections(detector, dataset, monitor.tap_points, min_score=monitor.detector_threshold)
         dets = dets.select(dets.det_scores >= monitor.detector_threshold)
         values, _ = timed_scores(monitor, dets, 1)
         sets[s] = {"images": dets.n_images, "boxes": len(dets), "object_coverage": object_coverage(dets, dataset)}

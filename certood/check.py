@@ -187,7 +187,8 @@ def run_check(spec: Spec, out_dir: Path, monitor_dir: Path | None = None,
     exported: dict = {}  # data set -> (monitored detections, their first line in boxes.jsonl)
     for name, source in sources:
         dataset = load_dataset(source, name)
-        dets_all = extract_detections(detector, dataset, points, progress=progress)
+        dets_all = extract_detections(detector, dataset, points, progress=progress,
+                                      min_score=monitor.detector_threshold)
         detector_seconds += dets_all.seconds
         images_seen += dets_all.n_images
         if name == "id_test":

@@ -68,8 +68,13 @@ def _batches(items: Iterable, size: int):
 
 
 def extract_detections(detector: Detector, dataset: CocoDataset, points: Iterable[str],
-                       batch_size: int = 8, progress: ProgressFactory | None = None) -> DatasetDetections:
-    """Detect on every readable image of ``dataset`` keeping the features at ``points``."""
+                       batch_size: int = 8, progress: ProgressFactory | None = None,
+                       min_score: float | None = None) -> DatasetDetections:
+    """Detect on every readable image of ``dataset`` keeping the features at ``points``.
+
+    ``min_score`` (the monitor's detector threshold, when known): optional tap points
+    (``box_jitter.logits``, extra passes) are computed only for boxes scoring at least that;
+    their rows for the others are NaN (those boxes are never monitored)."""
     import time
 
     points = sorted(set(points))
@@ -84,7 +89,7 @@ def extract_detections(detector: Detector, dataset: CocoDataset, points: Iterabl
     for batch in _batches(images, batch_size):
         start = time.perf_counter()
         if optional:  # tap points the detector computes only on request
-            results = detector.detect([image for _, image in batch], optional=optional)
+            results = detector.detect([image for _, image in batch], optional=optional, min_score=min_score)
         else:
             results = detector.detect([image for _, image in batch])
         seconds += time.perf_counter() - start

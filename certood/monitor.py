@@ -234,7 +234,7 @@ def calibrate(spec: Spec, detector: Detector, num_classes: int,
 
     if spec.data.fit is not None:
         fit_set = load_dataset(spec.data.fit, "fit")
-        fit = extract_detections(detector, fit_set, taps, progress=progress)
+        fit = extract_detections(detector, fit_set, taps, progress=progress, min_score=det_threshold)
         fit = fit.select(fit.det_scores >= det_threshold)
     else:
         fit_set, fit = cal_set, cal
@@ -286,6 +286,6 @@ def set_thresholds(spec: Spec, detector: Detector, scores: dict[str, Score], cal
         return cal_values, cal.labels
     name = spec.threshold.on
     dataset = load_dataset(spec.data.ood_validation[name], f"ood_validation/{name}")
-    dets = extract_detections(detector, dataset, taps, progress=progress)
+    dets = extract_detections(detector, dataset, taps, progress=progress, min_score=det_threshold)
     dets = dets.select(dets.det_scores >= det_threshold)
     return score_values(spec, scores, dets), dets.labels

@@ -200,7 +200,7 @@ def test_malformed_policy_file_exits_2_with_located_errors(tmp_path, spec):
     assert run(tmp_path, spec, "--results", results, "--policy", policy) == (2, "", (
         "<tmp>/policy.yaml:2:28: gate[0].score: expected a score defined under scores (one of: energy, maha), "
         "found 'rule' (hint: the rule is a flag, not a score: gate it with rule_ood_flag_rate or rule_id_tpr)\n"
-        "<tmp>/policy.yaml:3:23: gate[1].op: expected one of: >=, <=, >, <, found '=>' (hint: did you mean '>'?)\n"
+        "<tmp>/policy.yaml:3:23: gate[1].op: expected one of: >=, <=, >, <, found '=>' (hint: did you mean '>='?)\n"
         "<tmp>/policy.yaml:3:36: gate[1].value: expected a number >= 0 and <= 1, found integer 2\n"
         "3 error(s)\n"))
     # --exit-zero never hides a usage error

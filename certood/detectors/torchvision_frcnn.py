@@ -19,6 +19,7 @@ every filter, so each kept detection is tied to the exact feature row that produ
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -217,9 +218,11 @@ class TorchvisionFasterRCNN:
         return lambda x: head(x)[:, 1:]
 
     @torch.no_grad()
-    def detect(self, images: list[torch.Tensor], optional: tuple[str, ...] | list[str] = ()) -> list[Detections]:
+    def detect(self, images: list[torch.Tensor], optional: tuple[str, ...] | list[str] = (),
+               min_score: float | None = None) -> list[Detections]:
         """Run the detector on float CHW images in [0, 1]; one :class:`Detections` per image,
-        with the optional tap points in ``optional`` too (``box_jitter.logits``)."""
+        with the optional tap points in ``optional`` too (``box_jitter.logits``), computed for
+        the boxes scoring at least ``min_score`` (NaN rows for the others)."""
         m = self.model
         batch, features, original_sizes = run_backbone(m, images, self.device)
         proposals, _ = m.rpn(batch, features)
@@ -234,7 +237,7 @@ class TorchvisionFasterRCNN:
         jitter = None
         if JITTER_TAP in optional:
             start = time.perf_counter()
-            jitter = self._jitter_logits(features, kept, batch.image_sizes)
+            jitter = self._jitter_logits(features, kept, batch.image_sizes, min_score)
             self.optional_seconds += time.perf_counter() - start
         for i, ((boxes, scores, labels, rows), resized, original) in enumerate(
                 zip(kept, batch.image_sizes, original_sizes)):
@@ -248,15 +251,21 @@ class TorchvisionFasterRCNN:
             ))
         return results
 
-    def _jitter_logits(self, features, kept, image_sizes) -> list[torch.Tensor]:
+    def _jitter_logits(self, features, kept, image_sizes, min_score: float | None = None) -> list[torch.Tensor]:
         """Per image ``[n, K * C]``: class logits at the jittered copies of each kept box
-        (in the transformed image's coordinates, where the feature maps live)."""
+        (in the transformed image's coordinates, where the feature maps live); NaN for boxes
+        scoring below ``min_score``."""
         rh = self.model.roi_heads
-        jittered = [jitter_boxes(boxes, size).reshape(-1, 4) for (boxes, *_), size in zip(kept, image_sizes)]
+        wanted = [scores >= min_score if min_score is not None else torch.ones_like(scores, dtype=torch.bool)
+                  for _, scores, *_ in kept]
+        jittered = [jitter_boxes(boxes[w], size).reshape(-1, 4)
+                    for (boxes, *_), w, size in zip(kept, wanted, image_sizes)]
         logits, _ = rh.box_predictor(rh.box_head(rh.box_roi_pool(features, jittered, image_sizes)))
         out = []
-        for (boxes, *_), part in zip(kept, logits.split([len(j) for j in jittered])):
-            out.append(part.reshape(len(boxes), -1))
+        for w, part in zip(wanted, logits.split([len(j) for j in jittered])):
+            rows = torch.full((len(w), JITTERS * logits.shape[1]), math.nan, dtype=logits.dtype, device=logits.device)
+            rows[w] = part.reshape(int(w.sum()), JITTERS * logits.shape[1])
+            out.append(rows)
         return out
 
 

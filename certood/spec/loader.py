@@ -312,7 +312,10 @@ def _check_rule(norm, doc: Document, file: str) -> tuple[Rule | None, list[SpecI
     loc = doc.values[("rule",)]
     issues = [_rule_issue(p, loc, source, file) for p in problems]
     if rule is not None:
-        for name in (n for n in defined if n not in rule.names()):
+        scores = norm.get("scores") if isinstance(norm, dict) and isinstance(norm.get("scores"), dict) else {}
+        fused = {n for s in scores.values() if isinstance(s, dict) and s.get("kind") == "fusion"
+                 for n in (s.get("of") if isinstance(s.get("of"), list) else [])}
+        for name in (n for n in defined if n not in rule.names() and n not in fused):
             unused = Problem(("scores", name), "a score the rule reads", f"score '{name}' unused by the rule",
                              "use it in rule, or remove it", at_key=True)
             issues.append(_locate(unused, doc, file, "warning"))

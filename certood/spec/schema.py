@@ -48,9 +48,18 @@ def closest(word: object, choices) -> str | None:
 
     >>> closest("wieghts", ["weights", "arch"])
     'weights'
+
+    A choice with the same letters in another order comes first (transposed characters,
+    which difflib scores low on short words such as operators):
+
+    >>> closest("=>", [">", ">=", "<", "<="])
+    '>='
     """
     if not isinstance(word, str):
         return None
+    transposed = [str(c) for c in choices if sorted(str(c)) == sorted(word) and str(c) != word]
+    if transposed:
+        return transposed[0]
     close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
     return close[0] if close else None
 

@@ -146,6 +146,19 @@ def test_jitter_tap_is_the_box_logits_then_the_jittered_boxes_logits():
         torch.testing.assert_close(d.taps[JITTER_TAP][:5, C:], logits, rtol=1e-4, atol=1e-4)
 
 
+def test_jitter_tap_only_for_boxes_at_or_above_min_score(detector):
+    images = _images(seed=5)
+    full = detector.detect(images, optional=[JITTER_TAP])
+    cut = float(torch.cat([f.scores for f in full]).median())
+    part = detector.detect(images, optional=[JITTER_TAP], min_score=cut)
+    for f, p in zip(full, part):
+        keep = p.scores >= cut
+        assert 0 < int(keep.sum()) < len(p)
+        assert bool(torch.isnan(p.taps[JITTER_TAP][~keep, 6:]).all())
+        torch.testing.assert_close(p.taps[JITTER_TAP][keep], f.taps[JITTER_TAP][keep], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(p.taps[JITTER_TAP][:, :6], p.logits)  # the box's own logits: always
+
+
 def test_jitter_boxes_stay_inside_the_image():
     boxes = torch.tensor([[0.0, 0.0, 30.0, 20.0], [90.0, 50.0, 100.0, 64.0]])
     j = jitter_boxes(boxes, (64, 100))

@@ -65,6 +65,18 @@ SNAPSHOTS = [
     ("extends-yaml-error-in-parent", {"p.yaml": "version: 1\ndata: {calibration: [\n", "m.yaml": "extends: p.yaml\n"},
      "m.yaml", 2, "p.yaml:3:1: expected valid YAML, found expected the node content, but found '<stream end>' "
      "(hint: while parsing a flow node)\n"),
+    ("fusion-reads-its-components", {"m.yaml": DEMO.replace(
+        "  maha:   {kind: mahalanobis, tap: penultimate}\n",
+        "  maha:   {kind: mahalanobis, tap: penultimate}\n  fz: {kind: fusion, tap: logits, of: [energy, maha]}\n")
+        .replace(RULE, 'rule: "fz > t.fz"')}, "m.yaml", 0, "1 spec(s) valid\n"),
+    ("fusion-unknown-component", {"m.yaml": DEMO.replace(
+        "  maha:   {kind: mahalanobis, tap: penultimate}\n",
+        "  maha:   {kind: mahalanobis, tap: penultimate}\n  fz: {kind: fusion, tap: logits, of: [energy, mahal]}\n")
+        .replace(RULE, 'rule: "fz > t.fz"')}, "m.yaml", 2,
+     "warning: m.yaml:22:3: scores.maha: expected a score the rule reads, found score 'maha' unused by the rule "
+     "(hint: use it in rule, or remove it)\n"
+     "m.yaml:23:48: scores.fz.of[1]: expected the name of a score of this spec (one of: energy, maha), found "
+     "'mahal' (hint: did you mean 'maha'?)\n"),
 ]
 
 
