@@ -146,10 +146,12 @@ def _features_blob(parts: dict, spec: Spec, detector_sha256: str) -> bytes:
 
 
 def _ood_matched_only(part: dict) -> dict:
-    """A gt_matched set's OOD-matched boxes, for the figures (drawn against the ID test set)."""
+    """A gt_matched set's OOD-matched boxes, for the figures, with its ID-matched boxes'
+    values as ``id_values`` (its ROC is drawn within the set, as its metrics are computed)."""
     keep = part["gt_match"] == GT_MATCH["ood"]
+    same_set_id = part["gt_match"] == GT_MATCH["id"]
     return {**part, "dets": part["dets"].select(keep), "values": {k: v[keep] for k, v in part["values"].items()},
-            "flags": part["flags"][keep]}
+            "flags": part["flags"][keep], "id_values": {k: v[same_set_id] for k, v in part["values"].items()}}
 
 
 def _rule_rates(flags_id: torch.Tensor, flags_ood: torch.Tensor) -> dict:

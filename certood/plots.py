@@ -393,17 +393,20 @@ def _figure_jobs(metrics: Mapping, per_set: Mapping[str, Mapping],
     ood_parts = {n.split("/", 1)[1]: p for n, p in per_set.items() if n.startswith("ood/")}
     score_names = list(thresholds) or sorted({k for p in per_set.values() for k in p["values"]})
     jobs = []
-    if id_part is not None and len(id_part["dets"]):
-        for set_name, part in ood_parts.items():
-            if not len(part["dets"]):
-                continue
-            aurocs = {k: m["auroc"] for k, m in ((metrics.get("ood") or {}).get(set_name, {})
-                                                  .get("scores", {})).items()}
-            jobs.append((Plot(f"plots/roc_{_slug(set_name)}.png", f"ROC: ID test vs OOD {set_name}",
-                              "Box level; a curve per score, OOD boxes positive."),
-                         lambda s=set_name, p=part, a=aurocs: roc_figure(
-                             s, {k: id_part["values"][k] for k in score_names},
-                             {k: p["values"][k] for k in score_names}, a)))
+    for set_name, part in ood_parts.items():
+        # box protocol: against the ID test boxes; gt_matched: the set's own ID-matched boxes
+        within = "id_values" in part
+        id_values = part["id_values"] if within else (id_part["values"] if id_part is not None else None)
+        if not len(part["dets"]) or id_values is None or not all(len(id_values[k]) for k in score_names):
+            continue
+        aurocs = {k: m["auroc"] for k, m in ((metrics.get("ood") or {}).get(set_name, {})
+                                              .get("scores", {})).items()}
+        title = (f"ROC: ID-matched vs OOD-matched boxes of {set_name}" if within
+                 else f"ROC: ID test vs OOD {set_name}")
+        jobs.append((Plot(f"plots/roc_{_slug(set_name)}.png", title,
+                          "Box level; a curve per score, OOD boxes positive."),
+                     lambda s=set_name, i=id_values, p=part, a=aurocs: roc_figure(
+                         s, {k: i[k] for k in score_names}, {k: p["values"][k] for k in score_names}, a)))
     for name in score_names:
         jobs.append((Plot(f"plots/hist_{_slug(name)}.png", f"Score histogram: {name}",
                           "ID test vs each OOD set; dashed: the threshold calibrated on ID boxes."),

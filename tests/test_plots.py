@@ -165,3 +165,22 @@ def test_markdown_references_the_figures(per_set, metrics, tmp_path):
     text = report_markdown(metrics)
     for p in metrics["plots"]:
         assert f"]({p['file']})" in text and (tmp_path / p["file"]).is_file()
+
+
+def test_a_gt_matched_sets_roc_is_drawn_within_the_set(per_set, metrics, monkeypatch):
+    """A set carrying ``id_values`` (gt_matched: its own ID-matched boxes) is drawn against
+    them, as its AUROC is computed; a box-protocol set against the ID test boxes."""
+    mixed = dict(per_set["ood/far"])
+    mixed["id_values"] = {k: v[:7] - 5.0 for k, v in per_set["id_test"]["values"].items()}
+    per_set["ood/mixed"] = mixed
+    drawn = {}
+    monkeypatch.setattr(plots, "roc_figure", lambda s, i, o, a: drawn.setdefault(s, i))
+    jobs = plots._figure_jobs(metrics, per_set, None, [])
+    for plot, make in jobs:
+        if plot.file.startswith("plots/roc_"):
+            make()
+    titles = {plot.file: plot.title for plot, _ in jobs}
+    assert titles["plots/roc_mixed.png"] == "ROC: ID-matched vs OOD-matched boxes of mixed"
+    assert titles["plots/roc_near.png"] == "ROC: ID test vs OOD near"
+    assert torch.equal(drawn["mixed"]["energy"], mixed["id_values"]["energy"])
+    assert torch.equal(drawn["near"]["energy"], per_set["id_test"]["values"]["energy"])
