@@ -337,5 +337,20 @@ def data_digitsdet(ctx: click.Context, out: Path | None, seed: int) -> None:
     _run(work, ctx.obj.get("debug", False) if ctx.obj else False)
 
 
+@data.command("digitsdet-video")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Target directory (default: the cache, $CERTOOD_CACHE or ~/.cache/certood).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.pass_context
+def data_digitsdet_video(ctx: click.Context, out: Path | None, seed: int) -> None:
+    """Generate DigitsDet-Video (COCO-video format: video-val, video-test, video-ood)."""
+    def work():
+        from certood.data.digitsdet_video import generate_digitsdet_video, video_dataset_dir
+
+        root = generate_digitsdet_video(out or video_dataset_dir(seed), seed)
+        click.echo(str(root))
+    _run(work, ctx.obj.get("debug", False) if ctx.obj else False)
+
+
 if __name__ == "__main__":
     main()

@@ -97,6 +97,17 @@ def test_data_digitsdet_generates_coco_files(tmp_path, monkeypatch):
         assert len(coco["images"]) == 3
 
 
+def test_data_digitsdet_video_generates_coco_video_files(tmp_path, monkeypatch):
+    import certood.data.digitsdet_video as dv
+
+    monkeypatch.setattr(dv, "DEFAULT_VIDEOS", {s: 1 for s in dv.VIDEO_SPLITS})
+    code, out, _ = run("data", "digitsdet-video", "--out", str(tmp_path / "dv"), "--seed", "1")
+    assert code == 0 and out.strip() == str(tmp_path / "dv")
+    for split in dv.VIDEO_SPLITS:
+        coco = json.loads((tmp_path / "dv" / f"{split}.json").read_text())
+        assert len(coco["videos"]) == 1 and len(coco["images"]) == dv.N_FRAMES
+
+
 @pytest.mark.parametrize("args", [["check"], ["calibrate"], ["nonsense"]])
 def test_usage_errors_exit_2(args):
     code, _, _ = run(*args)
