@@ -1047,17 +1047,19 @@ def certify_detections(monitor, detector, dets, values: dict[str, Tensor], flags
 
 
 def certify_metrics(options, results: dict[str, CertifyResult],
-                    detector_seconds_per_image: float | None = None) -> tuple[dict, dict]:
+                    detector_seconds: float | None = None) -> tuple[dict, dict]:
     """``(metrics["certificates"], metrics["certify"])``: per data set (``id_test`` or the OOD
-    set's name) rates and counts; the options and the cost of certifying."""
+    set's name) rates and counts; the options and the cost of certifying: per box, and
+    ``to_detector_ratio``, certifying every box of the images over the detector's forward
+    passes on the same images (``detector_seconds``)."""
     per_set = {name.removeprefix("ood/"): r.summary() for name, r in results.items()}
     n = sum(len(r.certificates) for r in results.values())
     seconds = sum(r.seconds for r in results.values())
     about = {"tap": options.tap, "eps": options.eps, "norm": options.norm, "method": options.method,
              "exact": options.exact, "timeout_s": options.timeout_s, "radius": options.radius,
              "domain": options.domain, "seconds_per_box": seconds / n if n else None}
-    if detector_seconds_per_image:
-        about["to_detector_ratio"] = (seconds / n) / detector_seconds_per_image if n else None
+    if detector_seconds:
+        about["to_detector_ratio"] = seconds / detector_seconds
     about["versions"] = _versions()
     return per_set, about
 

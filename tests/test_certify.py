@@ -342,6 +342,8 @@ def test_negative_features_with_a_nonnegative_domain_are_an_error(setup):
 def test_summary_and_metrics_shape(setup):
     spec, _, _, _, result = run(setup, rule="energy > t.energy or maha > t.maha")
     per_set, about = certify_metrics(spec.certify, {"id_test": result, "ood/near": result}, 0.05)
+    # every box certified, over the detector's seconds on the same images
+    assert about["to_detector_ratio"] == pytest.approx(2 * result.seconds / 0.05)
     assert set(per_set) == {"id_test", "near"}
     e = per_set["id_test"]
     assert e["n_boxes"] == 60 and abs(e["certified_rate"] + e["undecided_rate"] - 1) < 1e-12
