@@ -53,9 +53,10 @@ SMALL_SIZES = [(8, 16, 16, 2), (16, 32, 32, 2), (16, 32, 32, 4)]
 
 
 def crown_floor(spec, monitor, head, parts, eps) -> dict:
-    """What CROWN must compute here, whatever the code: the multiply-adds of the wide products
-    per box (certood's sparse CROWN counts them) over this machine's float32 GEMM rate on a
-    product of the same shape, measured now: a lower bound on CROWN's time per box."""
+    """The multiply-adds of the wide products per box that certood's sparse CROWN performs on
+    every box (unstaged; at eps where IBP decides no box, staging skips none) over this
+    machine's float32 GEMM rate on a product of about that shape, measured now: what the
+    products alone take, a floor for this engine."""
     from certood.certify import Certifier
     from certood.verifiers.reference import mlp_layers
     from certood.verifiers.sparse_crown import SparseCrown
@@ -64,8 +65,10 @@ def crown_floor(spec, monitor, head, parts, eps) -> dict:
     z = torch.cat([p["z"] for p in parts.values()])
     c = Certifier(spec, monitor.scores, monitor.thresholds, head, o, z.shape[1])
     crown = SparseCrown(mlp_layers(c.composite))
-    lo = (z.double() - eps).clamp(min=0) if o.domain == "nonnegative" else z.double() - eps
-    crown(lo, z.double() + eps)
+    from certood.verifiers.reference import Region
+
+    zd = z.double()
+    crown(*Region(zd, eps, lower=torch.zeros_like(zd) if o.domain == "nonnegative" else None).box())
     macs = crown.stats["wide_macs"] / len(z)
     rows = c.composite[-1].out_features
     a, b = torch.randn(rows, 96), torch.randn(96, z.shape[1])
@@ -234,7 +237,7 @@ def main(argv=None) -> int:
            "images_per_set": {n: p["n_images"] for n, p in parts.items()},
            "boxes_per_set": {n: len(p["z"]) for n, p in parts.items()},
            "detector_seconds_per_image": det_per_image, "table": table, "small_heads": small,
-           "input_dim": int(next(iter(parts.values()))["z"].shape[1]),
+           "input_dim": int(next(iter(parts.values()))["z"].shape[1]), "threads": torch.get_num_threads(),
            "pgd": {"steps": args.pgd_steps, "restarts": 1, "samples_per_box": args.pgd_samples},
            "total_seconds": round(time.perf_counter() - start, 1),
            "machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}, "
@@ -253,7 +256,7 @@ def _pct(x) -> str:
 
 def render(out: dict) -> str:
     sets = list(out["boxes_per_set"])
-    lines = [f"# Certificates: coverage, tightness, cost\n",
+    lines = ["# Certificates: coverage, tightness, cost\n",
              f"`{out['command']}` ({out['date']}, {out['machine']}, {out['total_seconds']} s). "
              f"Spec `{out['spec']}`, rule `{out['rule']}`, L-{out['region']['norm']} region at the "
              f"{out['region']['tap']} tap ({out['region']['domain']}), exact: {out['region']['exact']}. "
@@ -299,7 +302,7 @@ def render(out: dict) -> str:
                   f"Mahalanobis whitening rows), {f['rows_per_box']:.0f} rows back-substituted per box "
                   f"(with the intermediate ones), {f['wide_macs_per_box'] / 1e6:.0f}M multiply-adds per box in "
                   f"the products with the {out['input_dim']}-wide first layer; at this machine's float32 GEMM "
-                  f"rate ({f['gemm_macs_per_second'] / 1e9:.0f}G multiply-adds/s, 1 thread) that alone is "
+                  f"rate ({f['gemm_macs_per_second'] / 1e9:.0f}G multiply-adds/s, {out['threads']} thread(s)) that alone is "
                   f"{1000 * f['floor_seconds_per_box']:.2f} ms per box, **{f['to_detector']:.2f}x** the detector "
                   f"per image. auto_LiRPA's CROWN (same staging): {c['crown_auto_lirpa']['to_detector']:.2f}x, "
                   f"{c['crown_auto_lirpa']['verdicts_differing_from_crown']} verdicts differing."]

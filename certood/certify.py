@@ -10,8 +10,8 @@ occur; with ``norm: 2`` the bound is computed over the whole ball, a superset, s
 holds on the intersection too). The monitored head (everything between the tap and the
 scores: box-head MLP + classifier at ``box_head.input``, the classifier alone at
 ``box_head.output``) is bounded over R(z) -- by certood's sparse CROWN
-(certood.verifiers.sparse_crown: auto_LiRPA's IBP/CROWN bounds, computed only where they can
-change) for Linear/ReLU heads under the L-inf norm, by auto_LiRPA otherwise and for
+(certood.verifiers.sparse_crown: auto_LiRPA's IBP/CROWN relaxation, computed only where it
+can change the result) for Linear/ReLU heads under the L-inf norm, by auto_LiRPA otherwise and for
 alpha-CROWN (``certify.engine: auto_lirpa`` always uses auto_LiRPA); score bounds follow from
 those bounds, and the rule is decided under the score bounds:
 
@@ -590,11 +590,11 @@ def lirpa_backend(composite: nn.Module, region: Region) -> Callable[..., tuple[T
 
 
 def sparse_backend(composite: nn.Module, region: Region) -> Callable[..., tuple[Tensor, Tensor]] | None:
-    """Row bounds by :class:`certood.verifiers.sparse_crown.SparseCrown` (IBP and CROWN, the
-    same bounds as auto_LiRPA's, float32 wide products with their rounding bounded), or
+    """Row bounds by :class:`certood.verifiers.sparse_crown.SparseCrown` (IBP and CROWN with
+    auto_LiRPA's relaxation, float32 wide products with their rounding bounded), or
     None when it does not apply (an L2 region, a head that is not Linear/ReLU). alpha-CROWN
     calls go to auto_LiRPA."""
-    from certood.verifiers.reference import mlp_layers
+    from certood.verifiers.reference import Region as RefRegion, mlp_layers
     from certood.verifiers.sparse_crown import SparseCrown, supports
 
     if region.norm != math.inf:
@@ -616,9 +616,7 @@ def sparse_backend(composite: nn.Module, region: Region) -> Callable[..., tuple[
             return fallback[0](z, eps, method=method)
         z = z.double()
         e = eps.double().reshape(-1, 1) if isinstance(eps, Tensor) else float(eps)
-        lo, hi = z - e, z + e
-        if region.nonnegative:
-            lo = lo.clamp(min=0)
+        lo, hi = RefRegion(z, e, lower=torch.zeros_like(z) if region.nonnegative else None).box()
         return crown.ibp(lo, hi) if method == "ibp" else crown(lo, hi)
 
     run.staged = True
@@ -723,6 +721,10 @@ class Certifier:
     def _plan(self, name, s, score, classifier, n_logits, input_dim, blocks) -> _Request:
         point = self.spec.taps[s.tap]
         bounder = bounder_for(s.kind)
+        if point not in TAP_ORDER:  # box_jitter.logits: other boxes pooled from the feature maps
+            return _Request(name, s.kind, "unsupported",
+                            f"unsupported score: score {name} reads {point}, which is not a function of the "
+                            f"features at the certify tap")
         if TAP_ORDER.index(point) < TAP_ORDER.index(self.point):
             return _Request(name, s.kind, "constant")
         if bounder is None:

@@ -109,11 +109,11 @@ def fusion_reference(spec: Spec, name: str, fusion: Score, scores: dict[str, Sco
     columns: dict[str, torch.Tensor] = {}
     for other in spec.scores[name].params["of"]:
         s, fitted = spec.scores[other], scores[other]
-        extras = detector_extras(fitted, detector)
         x = score_input(spec, other, fit)
-        if not (fitted.needs_fit or extras):
+        if not fitted.needs_fit:  # nothing learnt from data (a classifier or head at most): as it is
             columns[other] = fitted.score(x)
             continue
+        extras = detector_extras(fitted, detector)
         column = torch.empty(len(fit), dtype=torch.float64)
         for f in range(fusion.folds):
             held = fold == f
@@ -228,7 +228,9 @@ def calibrate(spec: Spec, detector: Detector, num_classes: int,
     taps = {spec.taps[s.tap] for s in spec.scores.values()}
     cal_set = load_dataset(spec.data.calibration, "calibration")
     label_to_category = id_label_map(cal_set, num_classes)
-    cal = extract_detections(detector, cal_set, taps, progress=progress)
+    fixed = spec.threshold.detector_score if spec.threshold.detector_score != "f1" else None  # else: set on cal
+    cal = extract_detections(detector, cal_set, taps, progress=progress,
+                             min_score=None if fixed is None else float(fixed))
     det_threshold = detector_threshold(spec, cal, cal_set, label_to_category)
     cal = cal.select(cal.det_scores >= det_threshold)
 

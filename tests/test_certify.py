@@ -279,6 +279,21 @@ def test_unsupported_score_is_undecided_with_a_reason(setup):
     assert result.summary()["counts"]["certified_id"] > 0
 
 
+def test_a_score_on_the_jitter_tap_is_unsupported_not_a_crash(setup):
+    """box_jitter.logits pools other boxes from the feature maps: no function of the region."""
+    head, scores, z = setup
+    text = SPEC.format(rule="jkl > t.jkl or energy > t.energy", tap="roi", eps=0.01, norm="inf", exact="none",
+                       radius="false", per_class="false")
+    text = text.replace("logits: cls_logits}", "logits: cls_logits, jitter: box_jitter.logits}")
+    text = text.replace("  energy: {tap: logits}\n", "  energy: {tap: logits}\n  jkl: {kind: jitter_kl, tap: jitter}\n")
+    spec = load_spec_text(text)
+    c = Certifier(spec, {**scores, "jkl": build_score("jitter_kl")}, {}, head, spec.certify, z.shape[1])
+    [request] = [r for r in c.requests if r.name == "jkl"]
+    assert request.source == "unsupported"
+    assert request.reason == ("unsupported score: score jkl reads box_jitter.logits, which is not a function of "
+                              "the features at the certify tap")
+
+
 def test_exact_z3_decides_what_intervals_cannot(setup):
     args = dict(rule="energy - energy > 0 or maha > t.maha", eps=0.01)  # energy - energy: [lo - hi, hi - lo]
     _, _, _, _, loose = run(setup, **args)

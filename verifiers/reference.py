@@ -17,7 +17,8 @@ or an L2 ball around each row of ``center``.
 
 CROWN here uses the relaxation auto_LiRPA 0.3 uses by default: the upper line through
 ``(l, 0)`` and ``(u, u)``, the lower slope 1 when ``u > -l`` else 0, CROWN (not IBP) for
-every intermediate layer.
+every intermediate layer, except that a neuron IBP proves stable keeps IBP's bounds (as
+auto_LiRPA's sparse intermediate bounds and certood's sparse engine do).
 """
 from __future__ import annotations
 
@@ -179,8 +180,15 @@ def _backward(layers: list[Layer], pre: dict[int, tuple[Tensor, Tensor]], region
     return lo, hi
 
 
-def crown_bounds(layers: list[Layer], region: Region) -> tuple[Tensor, Tensor]:
-    """CROWN bounds (backward linear relaxation, CROWN for intermediate layers too)."""
+def crown_bounds(layers: list[Layer], region: Region, stable_from_ibp: bool = True) -> tuple[Tensor, Tensor]:
+    """CROWN bounds (backward linear relaxation, CROWN for intermediate layers too).
+
+    ``stable_from_ibp``: a hidden neuron that interval bounds (from the layer before) prove
+    stable keeps those bounds, so its relaxation is exact even where its own CROWN bound
+    would straddle 0: the rule of auto_LiRPA 0.3's sparse intermediate bounds and of
+    certood's sparse engine (certood.verifiers.sparse_crown), which ``certood recheck``
+    re-proves. ``False``: pure CROWN intermediate bounds.
+    """
     if not layers or layers[-1][0] != "linear":
         raise CertoodError("crown_bounds: the network must end with a Linear layer")
     n = region.center.shape[0]
@@ -193,7 +201,16 @@ def crown_bounds(layers: list[Layer], region: Region) -> tuple[Tensor, Tensor]:
                 # a ReLU after a ReLU (or on the input): pass interval bounds through
                 pre[index] = (lo, hi)
             else:
-                pre[index] = _backward(layers[:index], pre, region, n)
+                lo, hi = _backward(layers[:index], pre, region, n)
+                before = [i for i in pre if i < index - 1]
+                if stable_from_ibp and before:  # IBP through the Linear from the previous bounds
+                    W, b = layers[index - 1][1], layers[index - 1][2]
+                    plo, phi = (pre[max(before)][0].clamp(min=0), pre[max(before)][1].clamp(min=0))
+                    mid, rad = (plo + phi) / 2, (phi - plo) / 2
+                    ilo, ihi = mid @ W.T + b - rad @ W.abs().T, mid @ W.T + b + rad @ W.abs().T
+                    stable = (ilo >= 0) | (ihi <= 0)
+                    lo, hi = torch.where(stable, ilo, lo), torch.where(stable, ihi, hi)
+                pre[index] = (lo, hi)
     return _backward(layers, pre, region, n)
 
 

@@ -1,17 +1,19 @@
 """CROWN for Linear/ReLU heads over L-inf boxes, computing only what can change the result.
 
 certood's production CROWN path for MLP heads (torchvision's box head + classifier + the
-rows the scores need). It computes the bounds auto_LiRPA 0.3's CROWN computes (same ReLU
-relaxation: upper line through ``(l, 0)`` and ``(u, u)``, lower slope 1 when ``u > -l``
-else 0; CROWN for every intermediate layer), with three savings:
+rows the scores need). It uses auto_LiRPA 0.3's CROWN relaxation (upper line through
+``(l, 0)`` and ``(u, u)``, lower slope 1 when ``u > -l`` else 0; CROWN for every
+intermediate layer), with three savings:
 
 1. **Sparse intermediate bounds.** A hidden neuron that interval bounds (IBP) already prove
    stable has an exact relaxation (identity or zero) whatever its bounds, so CROWN
-   back-substitutes only the rows IBP leaves unstable. (auto_LiRPA 0.3 back-substitutes
-   every row. Where CROWN's own bound of such a neuron would straddle 0 while IBP's does not,
-   auto_LiRPA relaxes a neuron that is in fact stable, while here it keeps its exact linear
-   form: the bounds may then differ from auto_LiRPA's, both sound. On the demo's 490 boxes
-   no verdict differs; benchmarks/certify_table.py counts that.)
+   back-substitutes only the rows IBP leaves unstable, per box; certood.verifiers.reference
+   (what ``certood recheck`` re-proves with) uses the same rule, and the tests check that the
+   two agree, including heads where CROWN's own bound of an IBP-stable neuron straddles 0.
+   auto_LiRPA 0.3 has a similar default (``sparse_intermediate_bounds_with_ibp``): on the box
+   head in the tests its bounds equal these to 1e-9 (and on the demo's 490 boxes no verdict
+   differs), while on deeper random heads over wide regions these can be tighter than
+   auto_LiRPA's (never looser, in the tests).
 2. **Sparse columns.** Neurons of the first hidden layer that are inactive over the whole
    box drop out of the one wide product (rows x first-layer width x input width, 3,136
    wide at the RoI tap), and columns on which the lower- and upper-bound relaxations agree
@@ -52,8 +54,9 @@ from certood.errors import CertoodError
 __all__ = ["SparseCrown", "supports"]
 
 _UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
-# Subnormal results may be flushed to zero (FTZ/DAZ): at most this much per product entry.
-_TINY = 1e-30
+# Subnormal results may be flushed to zero (FTZ/DAZ): each flushed operation loses at most the
+# smallest normal float32.
+_UNDERFLOW = 2.0 ** -126
 # Columns of the first layer per block of the wide product (3136 = 7 x 448 at the RoI tap).
 _BLOCK = 448
 
@@ -64,6 +67,22 @@ def supports(layers: list[tuple]) -> bool:
     if not layers or layers[0][0] != "linear" or layers[-1][0] != "linear":
         return False
     return all(layer[0] == ("linear" if i % 2 == 0 else "relu") for i, layer in enumerate(layers))
+
+
+def float32_products_are_ieee() -> bool:
+    """Whether float32 matrix products on the CPU run in IEEE float32 now (not reduced to bf16
+    or tf32 by ``torch.backends.mkldnn.matmul.fp32_precision`` or the legacy
+    ``torch.set_float32_matmul_precision``); False when that cannot be told."""
+    try:
+        mode = torch.backends.mkldnn.matmul.fp32_precision
+    except (AttributeError, RuntimeError):
+        mode = "none"
+    if mode != "none":
+        return mode == "ieee"
+    try:
+        return torch.get_float32_matmul_precision() == "highest"
+    except RuntimeError:  # both APIs in use: torch refuses to say
+        return False
 
 
 def _relax(l: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -105,7 +124,8 @@ class SparseCrown:
     ``layers`` as :func:`certood.verifiers.reference.mlp_layers` gives them (float64
     ``("linear", W, b)`` and ``("relu",)``, alternating, Linear first and last);
     ``gemm_dtype`` the precision of the wide first-layer product (float32 or float64; its
-    rounding is accounted for either way). Returns float64 ``(lower, upper)`` per output.
+    rounding is accounted for either way). Returns float64 ``(lower, upper)`` per output;
+    CPU tensors (indices are made on the CPU).
     """
 
     def __init__(self, layers: list[tuple], gemm_dtype: torch.dtype = torch.float32):
@@ -113,6 +133,7 @@ class SparseCrown:
             raise CertoodError("SparseCrown bounds Linear, (ReLU, Linear)* networks only")
         if gemm_dtype not in _UNIT_ROUNDOFF:
             raise CertoodError(f"gemm_dtype must be float32 or float64, got {gemm_dtype}")
+        self.layers = layers
         self.weights = [(layer[1].double(), layer[2].double()) for layer in layers if layer[0] == "linear"]
         self.gemm_dtype = gemm_dtype
         W1 = self.weights[0][0]
@@ -127,12 +148,11 @@ class SparseCrown:
 
     def __call__(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
         lower, upper = self._check(lower, upper)
-        previous = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")  # no bf16/tf32 products: the error term assumes them
-        try:
-            return self._bounds(lower, upper)
-        finally:
-            torch.set_float32_matmul_precision(previous)
+        if self.gemm_dtype == torch.float32 and not float32_products_are_ieee():
+            # bf16 / tf32 products were switched on: the rounding term assumes IEEE float32,
+            # so this call multiplies in float64 instead (global state is read, never changed)
+            return SparseCrown(self.layers, torch.float64)._bounds(lower, upper)
+        return self._bounds(lower, upper)
 
     def ibp(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
         """Interval bounds (the first layer exactly over the box), float64."""
@@ -165,8 +185,11 @@ class SparseCrown:
         n_rows = macs = 0
         for k in range(1, len(self.weights)):
             W, b = self.weights[k]
-            lo, hi = _interval(W, b, pre[-1][0].clamp(min=0), pre[-1][1].clamp(min=0))  # IBP
             last = k == len(self.weights) - 1
+            if last:  # every row by CROWN
+                lo, hi = (torch.empty(lower.shape[0], W.shape[0], dtype=torch.float64) for _ in range(2))
+            else:  # IBP from the previous bounds: CROWN for the rows it leaves unstable
+                lo, hi = _interval(W, b, pre[-1][0].clamp(min=0), pre[-1][1].clamp(min=0))
             for i in range(lower.shape[0]):
                 rows = torch.arange(W.shape[0]) if last else ((lo[i] < 0) & (hi[i] > 0)).nonzero().flatten()
                 if not len(rows):
@@ -240,7 +263,8 @@ class SparseCrown:
             # every term >= 0 (rad rounded up): each block's rounded sum is within gamma of the exact
             n = max(c.stop - c.start for c in self.blocks)
             gamma = n * self.u / (1 - n * self.u)
-            spread_l, spread_u = spread_l / (1 - gamma) + _TINY, spread_u / (1 - gamma) + _TINY
+            flushed = rad.shape[0] * _UNDERFLOW  # a flushed term per addend of the sums
+            spread_l, spread_u = spread_l / (1 - gamma) + flushed, spread_u / (1 - gamma) + flushed
         if g != torch.float64 or self.W1_round:
             # |fl(M) - M| <= c (|S| |W1| + |D| |R| |W1|) entrywise, M = S W1 + D R W1 exactly,
             # c = the three products' gamma factors plus the roundings of the casts and the
@@ -250,7 +274,9 @@ class SparseCrown:
             aS, aR = S.abs() @ spread1, R.abs() @ spread1
             flat = 2 * self.W1_round * float(rad.sum())
             fS, fR = S.abs().sum(1), R.abs().sum(1)
-            spread_l = spread_l + coef * (aS + Dl.abs() @ aR) + flat * (fS + Dl.abs() @ fR) + _TINY
-            spread_u = spread_u + coef * (aS + Du.abs() @ aR) + flat * (fS + Du.abs() @ fR) + _TINY
+            # flushed subnormals: at most one smallest normal per operation of an entry, times rad
+            flushed = (len(cs) + len(cr) + R.shape[0] + 2) * _UNDERFLOW * float(rad.sum())
+            spread_l = spread_l + coef * (aS + Dl.abs() @ aR) + flat * (fS + Dl.abs() @ fR) + flushed
+            spread_u = spread_u + coef * (aS + Du.abs() @ aR) + flat * (fS + Du.abs() @ fR) + flushed
         macs = (S.shape[0] * len(cs) + R.shape[0] * len(cr) + 2 * S.shape[0] * R.shape[0]) * rad.shape[0]
         return low - spread_l, high + spread_u, macs

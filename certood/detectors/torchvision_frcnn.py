@@ -7,9 +7,9 @@ Tap points (where a monitor can read features), in forward order:
 - ``box_head.output`` the box-head MLP output (penultimate features);
 - ``cls_logits``      the class logits, background column first;
 - ``box_jitter.logits`` (computed only when a monitor reads it) the class logits of the
-  detection itself, then of :data:`JITTERS` jittered copies of its final box re-pooled from
-  the same feature maps through the same box head: ``[N, (K + 1) * C]``, block 0 = the
-  detection's own. A detection-specific signal: the box head of an object it knows keeps
+  detection itself (its ``cls_logits``, pooled at its proposal), then of ``JITTERS`` (8)
+  jittered copies of its final, regressed box re-pooled from the same feature maps through
+  the same box head: ``[N, (K + 1) * C]``. A detection-specific signal: the box head of an object it knows keeps
   its class distribution when the box moves a little; on unknown objects it does not
   (certood.scores.jitter_kl). Costs K extra box-head passes per box, no backbone pass.
 
@@ -34,13 +34,13 @@ from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops
 
 from certood.detectors.base import Detections, file_sha256
 from certood.errors import CertoodError
+from certood.scores.jitter_kl import JITTERS
 from certood.spec.v1 import ARCHS, BUILTIN_WEIGHTS as SPEC_BUILTIN_WEIGHTS
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TAP_POINTS = ("box_head.input", "box_head.output", "cls_logits")  # the two-stage taps of the spec
 JITTER_TAP = "box_jitter.logits"
 JITTER_SCALE = 0.2  # shifts by 20% of the box's width / height, scales 0.8 and 1.2, aspect 1.2:0.8
-JITTERS = 8
 BUILTIN_WEIGHTS = {name: ASSETS / f"{name}.safetensors" for name in SPEC_BUILTIN_WEIGHTS}
 
 

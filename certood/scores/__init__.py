@@ -42,8 +42,9 @@ SCORE_CLASSES: dict[str, type[Score]] = {cls.kind: cls for cls in (
     Particul, PValueFusion, Fusion, Residual, JitterKL)}
 
 __all__ = ["ASH", "DICE", "KNN", "ODIN", "SCORE_CLASSES", "ActivationPattern", "BoxAbstraction",
-           "Energy", "Entropy", "GradNorm", "LaRED", "LaREM", "MCDropout", "Mahalanobis",
-           "MaxLogit", "MaxSoftmax", "PValueFusion", "Particul", "ReAct", "RelativeMahalanobis", "Score", "ViM",
+           "Energy", "Entropy", "Fusion", "GradNorm", "JitterKL", "LaRED", "LaREM", "MCDropout", "Mahalanobis",
+           "MaxLogit", "MaxSoftmax", "PValueFusion", "Particul", "ReAct", "RelativeMahalanobis", "Residual",
+           "Score", "ViM",
            "build_score", "energy_score", "fit_class_gaussians", "mahalanobis_score"]
 
 

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from certood.errors import ArtifactError, CertoodError
 from certood.scores.base import Score, check_choice, check_features, check_int, check_state_shapes
-from certood.scores.pvalue_fusion import COMBINE, class_pvalues, combine_pvalues
+from certood.scores.pvalue_fusion import COMBINE, class_pvalues, combine_pvalues, cross_fit_folds
 
 
 class Fusion(Score):
@@ -71,7 +71,7 @@ class Fusion(Score):
 
     def fold_of(self, n: int) -> Tensor:
         """The cross-fitting fold of each of ``n`` fit rows (seeded): what the monitor refits on."""
-        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)) % self.folds
+        return cross_fit_folds(n, self.folds, self.seed)
 
     def _split(self, features: Tensor) -> tuple[Tensor, Tensor]:
         k = len(self.of)

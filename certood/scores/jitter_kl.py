@@ -10,9 +10,11 @@ object, which the head never learnt, is unstable.
 
 The detector adapter provides the tap ``box_jitter.logits``, ``[N, (K+1) * C]`` flattened:
 block 0 holds the detection's own class logits (``C`` columns, background first, as
-torchvision's ``cls_logits``), blocks ``1..K`` the class logits re-pooled at ``K`` jittered
-copies of the detection's final box (shifted by +-20% of width/height, scaled 0.8/1.2, aspect
-changes). With ``p_k`` the softmax over the **foreground** logits of block ``k`` (column 0
+torchvision's ``cls_logits``: pooled at the detection's proposal, the features that scored it),
+blocks ``1..K`` the class logits re-pooled at ``K`` jittered copies of the detection's final
+(regressed) box (shifted by +-20% of width/height, scaled 0.8/1.2, aspect changes). So the
+score also sees how much the class distribution moves from the proposal to the refined box:
+on ID objects the head agrees with itself across that step as well. With ``p_k`` the softmax over the **foreground** logits of block ``k`` (column 0
 dropped), the score is, higher = more OOD,
 
     mean_{k=1..K} KL(p_0 || p_k) = mean_k sum_c p_0c (log p_0c - log p_kc)
@@ -35,6 +37,10 @@ from torch import Tensor
 
 from certood.errors import CertoodError
 from certood.scores.base import Score, check_int
+
+# Jittered boxes per detection in the two-stage adapter's ``box_jitter.logits`` tap (fixed
+# there, so not a spec key: a wrong count could still split the tap evenly and mean nothing).
+JITTERS = 8
 
 
 def jitter_blocks(features: Tensor, jitters: int, who: str = "jitter_kl") -> Tensor:
@@ -71,7 +77,7 @@ class JitterKL(Score):
     kind = "jitter_kl"
     needs_fit = False
 
-    def __init__(self, jitters: int = 8) -> None:
+    def __init__(self, jitters: int = JITTERS) -> None:
         super().__init__()
         self.jitters = check_int("jitter_kl.jitters", jitters)
 

@@ -60,6 +60,15 @@ _COMPONENT_STATE = {"energy": (), "mahalanobis": ("means", "precision"), "knn": 
                     "residual": ("origin", "residual_basis")}
 
 
+def cross_fit_folds(n: int, folds: int, seed: int) -> Tensor:
+    """The cross-fitting fold (0..folds-1) of each of ``n`` rows: a seeded permutation mod ``folds``.
+
+    >>> cross_fit_folds(6, 3, 0).bincount().tolist()
+    [2, 2, 2]
+    """
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)) % folds
+
+
 def empirical_pvalues(values: Tensor, reference: Tensor) -> Tensor:
     """Upper-tail p-values ``(1 + #{reference >= v}) / (1 + n)`` of ``values [N]`` under a
     reference sample ``[n]`` (conservative: an ID value is never given a p-value below its rank).
@@ -189,8 +198,7 @@ class PValueFusion(Score):
         if x.shape[0] < 2 * self.folds:
             raise CertoodError(f"pvalue_fusion.fit: expected at least {2 * self.folds} labelled rows "
                                f"({self.folds} folds), found {x.shape[0]}")
-        g = torch.Generator().manual_seed(self.seed)
-        fold = torch.randperm(x.shape[0], generator=g) % self.folds
+        fold = cross_fit_folds(x.shape[0], self.folds, self.seed)
         ref = torch.empty(x.shape[0], len(self.components), dtype=torch.float64)
         ref_class = torch.empty(x.shape[0], dtype=torch.long)
         for f in range(self.folds):

@@ -235,8 +235,6 @@ SCORE_KIND_TABLE: dict[str, ScoreKind] = {
     ),
     "jitter_kl": ScoreKind(
         value_range=(0.0, None),
-        params={"jitters": Field(Int(min=1, max=64), default=8,
-                                 description="jittered boxes per detection in the tap (the adapter gives 8)")},
         tap_point="jitter_logits",
         description="mean KL divergence from the box's class distribution to those of its jittered "
         "copies (tap box_jitter.logits); higher = more OOD",
@@ -255,7 +253,8 @@ SCORE_KIND_TABLE: dict[str, ScoreKind] = {
         tap_point="logits",
         needs_fit=True,
         description="class-conditional ID-calibrated p-values of other scores of the spec (out of fold "
-        "on data.fit; the class from this tap's logits), combined by Fisher's method; higher = more OOD",
+        "on data.fit; the class from this tap's logits), combined by Fisher's method (or Stouffer's, or the "
+        "minimum); higher = more OOD",
     ),
 }
 SCORE_KINDS: tuple[str, ...] = tuple(SCORE_KIND_TABLE)
@@ -423,7 +422,7 @@ CERTIFY = Record({
     "method": Field(Enum(("ibp", "crown", "alpha-crown")), default="crown",
                     description="bound propagation; alpha-crown is tightest and slowest"),
     "engine": Field(Enum(("auto", "auto_lirpa")), default="auto",
-                    description="auto: certood's sparse CROWN (verifiers/sparse_crown.py, the same bounds) "
+                    description="auto: certood's sparse CROWN (verifiers/sparse_crown.py, auto_LiRPA's relaxation) "
                     "for IBP and CROWN on Linear/ReLU heads under the L-inf norm, auto_LiRPA otherwise; "
                     "auto_lirpa: always auto_LiRPA"),
     "exact": Field(Enum(("none", "z3")), default="none",

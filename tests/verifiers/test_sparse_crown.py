@@ -142,3 +142,44 @@ def test_stats_count_the_wide_products():
     x = torch.rand(2, 10, generator=g, dtype=torch.float64)
     crown(x - 0.01, x + 0.01)
     assert crown.stats == {"boxes": 2, "rows": 6, "wide_macs": 2 * 3 * 6 * 10}
+
+
+def test_reduced_precision_float32_products_fall_back_to_float64(monkeypatch):
+    """With bf16 products switched on, the float32 rounding term would not hold: the call
+    multiplies in float64 (the same bounds as gemm_dtype=float64) and leaves the setting alone."""
+    layers = mlp_layers(_net([30, 16, 4], seed=10))
+    _, lo, hi = _boxes(3, 30, 0.05, seed=11, clip=True)
+    assert sc.float32_products_are_ieee()
+    monkeypatch.setattr(sc, "float32_products_are_ieee", lambda: False)
+    torch.testing.assert_close(SparseCrown(layers, torch.float32)(lo, hi), SparseCrown(layers, torch.float64)(lo, hi),
+                               rtol=0, atol=0)
+
+
+def test_equals_reference_where_ibp_proves_a_neuron_stable_that_crown_does_not():
+    """Over many random heads and wide regions both engines keep IBP's bounds for a neuron IBP
+    proves stable (exact relaxation) even where CROWN's own bound straddles 0; the case
+    occurs here (pure CROWN intermediate bounds give other bounds for some heads)."""
+    differs = 0
+    for seed in range(40):
+        layers = mlp_layers(_net([10, 12, 12, 12, 3], seed=100 + seed))
+        z, lo, hi = _boxes(4, 10, 0.3, seed=200 + seed, clip=True)
+        region = Region(z, 0.3, lower=torch.zeros_like(z))
+        ref = crown_bounds(layers, region)
+        ours = SparseCrown(layers, torch.float64)(lo, hi)
+        torch.testing.assert_close(ours[0], ref[0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ours[1], ref[1], rtol=1e-10, atol=1e-10)
+        pure = crown_bounds(layers, region, stable_from_ibp=False)
+        differs += int(not (torch.allclose(pure[0], ref[0]) and torch.allclose(pure[1], ref[1])))
+    assert differs > 0
+
+
+def test_never_looser_than_auto_lirpa_on_deeper_heads():
+    """Deeper random heads, wide regions, one box per auto_LiRPA call: where the two differ,
+    certood's bounds are the tighter ones (both sound: the sampling and attack tests)."""
+    for seed in range(0, 40, 4):
+        net = _net([10, 12, 12, 12, 3], seed=100 + seed)
+        z, lo, hi = _boxes(4, 10, 0.3, seed=200 + seed, clip=True)
+        ours = SparseCrown(mlp_layers(net), torch.float64)(lo, hi)
+        for i in range(4):
+            theirs = bound_module(net, z[i:i + 1], 0.3, method="crown", x_lower=torch.zeros_like(z[i:i + 1]))
+            assert bool((ours[0][i] >= theirs.lower[0] - 1e-9).all() and (ours[1][i] <= theirs.upper[0] + 1e-9).all())
