@@ -86,7 +86,11 @@ def float32_products_are_ieee() -> bool:
 
 
 def _relax(l: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(upper slope, upper intercept, lower slope) of the ReLU relaxation on ``[l, u]``."""
+    """(upper slope, upper intercept, lower slope) of the ReLU relaxation on ``[l, u]``.
+
+    Written here again on purpose, like :func:`_interval`: certood.verifiers.reference is the
+    independent code ``certood recheck`` re-proves certificates with, so the two share nothing
+    that computes a bound."""
     lc, uc = l.clamp(max=0), u.clamp(min=0)
     denom = uc - lc
     slope_u = torch.where(denom > 0, uc / denom.clamp(min=1e-300), torch.zeros_like(u))

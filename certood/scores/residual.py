@@ -13,7 +13,9 @@ It needs no classifier, so it reads any tap; it is meant for the 3136-wide RoI f
 outside them. Fitted in float64: with more fit boxes than columns (``N > D``) through the
 eigenvectors of the ``D x D`` scatter matrix, accumulated in chunks of rows so the fit never
 holds a float64 copy of all features; otherwise through a thin SVD. Equal to scikit-learn's
-``PCA(n_components=dim)`` reconstruction error to 1e-8 (tested).
+``PCA(n_components=dim)`` reconstruction error to 1e-8 (tested). Not the same as
+``pvalue_fusion``'s ``residual`` component, which is ViM's own (centred at ViM's origin
+``-pinv(W) b``, ``D // 2`` directions, on penultimate features).
 
 >>> x = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
 >>> Residual(dim=2).fit(x).score(torch.tensor([[0.5, 0.5, 3.0], [7.0, -2.0, 0.0]]))
