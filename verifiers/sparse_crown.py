@@ -155,7 +155,10 @@ class SparseCrown:
         if self.gemm_dtype == torch.float32 and not float32_products_are_ieee():
             # bf16 / tf32 products were switched on: the rounding term assumes IEEE float32,
             # so this call multiplies in float64 instead (global state is read, never changed)
-            return SparseCrown(self.layers, torch.float64)._bounds(lower, upper)
+            exact = SparseCrown(self.layers, torch.float64)
+            bounds = exact._bounds(lower, upper)
+            self.stats = exact.stats
+            return bounds
         return self._bounds(lower, upper)
 
     def ibp(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
