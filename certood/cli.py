@@ -317,16 +317,21 @@ def export(ctx: click.Context, spec_path: Path, monitor_dir: Path, onnx_path: Pa
     _run(work, ctx.obj["debug"])
 
 
+def _generator_options(command):
+    """--out and --seed of a dataset generator, and the click context."""
+    command = click.pass_context(command)
+    command = click.option("--seed", type=int, default=0, show_default=True)(command)
+    return click.option("--out", type=click.Path(path_type=Path), default=None,
+                        help="Target directory (default: the cache, $CERTOOD_CACHE or ~/.cache/certood).")(command)
+
+
 @main.group()
 def data() -> None:
     """Bundled datasets."""
 
 
 @data.command("digitsdet")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Target directory (default: the cache, $CERTOOD_CACHE or ~/.cache/certood).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.pass_context
+@_generator_options
 def data_digitsdet(ctx: click.Context, out: Path | None, seed: int) -> None:
     """Generate DigitsDet (COCO format) from scikit-learn's real handwritten digits."""
     def work():
@@ -338,10 +343,7 @@ def data_digitsdet(ctx: click.Context, out: Path | None, seed: int) -> None:
 
 
 @data.command("digitsdet-video")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Target directory (default: the cache, $CERTOOD_CACHE or ~/.cache/certood).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.pass_context
+@_generator_options
 def data_digitsdet_video(ctx: click.Context, out: Path | None, seed: int) -> None:
     """Generate DigitsDet-Video (COCO-video format: video-val, video-test, video-ood)."""
     def work():

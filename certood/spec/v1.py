@@ -60,6 +60,17 @@ class ScoreKind:
 
 LOG_CLASSES = "log(C)"  # a value_range bound: log of the number of foreground classes
 
+# How ID-calibrated p-values are formed and combined: pvalue_fusion and fusion alike.
+PVALUE_PARAMS = {
+    "combine": Field(Enum(("fisher", "stouffer", "min")), default="fisher", description="how p-values are combined"),
+    "class_conditional": Field(Enum((False, True)), default=True,
+                               description="p-values against the predicted class's ID boxes"),
+    "folds": Field(Int(min=2, max=20), default=5, description="cross-fitting folds of the reference"),
+    "min_class_boxes": Field(Int(min=1), default=50,
+                             description="fewer reference boxes of a class: use the pooled reference"),
+    "seed": Field(Int(min=0), default=0, description="seed of the fold split"),
+}
+
 SCORE_KIND_TABLE: dict[str, ScoreKind] = {
     "energy": ScoreKind(
         params={"temperature": Field(Float(gt=0), default=1.0, description="softmax temperature T")},
@@ -210,14 +221,7 @@ SCORE_KIND_TABLE: dict[str, ScoreKind] = {
         params={"components": Field(List(Enum(("energy", "mahalanobis", "knn", "residual")), min_items=1),
                                     default=("energy", "mahalanobis"),
                                     description="scores combined (distinct): energy, mahalanobis, knn, residual"),
-                "combine": Field(Enum(("fisher", "stouffer", "min")), default="fisher",
-                                 description="how p-values are combined"),
-                "class_conditional": Field(Enum((False, True)), default=True,
-                                           description="p-values against the predicted class's ID boxes"),
-                "folds": Field(Int(min=2, max=20), default=5, description="cross-fitting folds of the reference"),
-                "min_class_boxes": Field(Int(min=1), default=50,
-                                         description="fewer reference boxes of a class: use the pooled reference"),
-                "seed": Field(Int(min=0), default=0, description="seed of the fold split")},
+                **PVALUE_PARAMS},
         tap_point="features",
         needs_fit=True,
         description="class-conditional ID-calibrated p-values of energy and Mahalanobis (and optionally "
@@ -242,14 +246,7 @@ SCORE_KIND_TABLE: dict[str, ScoreKind] = {
     "fusion": ScoreKind(
         params={"of": Field(List(Str(SCORE_NAME, "a score name"), min_items=2), required=True,
                             description="names of other scores of this spec to combine (at least 2, no fusion)"),
-                "combine": Field(Enum(("fisher", "stouffer", "min")), default="fisher",
-                                 description="how p-values are combined"),
-                "class_conditional": Field(Enum((False, True)), default=True,
-                                           description="p-values against the predicted class's ID boxes"),
-                "folds": Field(Int(min=2, max=20), default=5, description="cross-fitting folds of the reference"),
-                "min_class_boxes": Field(Int(min=1), default=50,
-                                         description="fewer reference boxes of a class: use the pooled reference"),
-                "seed": Field(Int(min=0), default=0, description="seed of the fold split")},
+                **PVALUE_PARAMS},
         tap_point="logits",
         needs_fit=True,
         description="class-conditional ID-calibrated p-values of other scores of the spec (out of fold "
