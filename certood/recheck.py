@@ -100,6 +100,11 @@ class RecheckReport:
     def ok(self) -> bool:
         return all(b.outcome == "confirmed" for b in self.boxes)
 
+    def passes(self, allow_unconfirmed: bool = False) -> bool:
+        """Every certificate re-proven; with ``allow_unconfirmed``, none contradicted (boxes the
+        float64 IBP/CROWN re-check is too loose for, e.g. alpha-CROWN certificates, pass)."""
+        return self.counts["contradicted"] == 0 if allow_unconfirmed else self.ok
+
     def to_json(self) -> dict:
         return {"results_dir": str(self.results_dir), "n_boxes": self.n_boxes,
                 "n_certified": len(self.boxes), "counts": self.counts, "ok": self.ok,

@@ -66,6 +66,22 @@ def test_gate_reads_the_certified_rate(results):
     assert got.value == result.metrics["certificates"]["near"]["certified_rate"]
 
 
+def _tamper_first_certified(src, dst, change) -> None:
+    shutil.copytree(src, dst)
+    lines = (dst / "boxes.jsonl").read_text().splitlines()
+    for i, line in enumerate(lines):
+        r = json.loads(line)
+        if r["certificate"]["verdict"] != "undecided":
+            change(r["certificate"])
+            lines[i] = json.dumps(r)
+            break
+    (dst / "boxes.jsonl").write_text("\n".join(lines) + "\n")
+
+
+
+def _flip(certificate: dict) -> None:
+    certificate["verdict"] = {"certified_ood": "certified_id", "certified_id": "certified_ood"}[certificate["verdict"]]
+
 def test_recheck_confirms_then_catches_tampering(results, tmp_path):
     _, out = results
     ok = CliRunner().invoke(main, ["recheck", str(out), "--format", "json"])
@@ -75,16 +91,7 @@ def test_recheck_confirms_then_catches_tampering(results, tmp_path):
     assert payload["counts"]["confirmed"] == payload["n_certified"]
 
     bad = tmp_path / "tampered"
-    shutil.copytree(out, bad)
-    lines = (bad / "boxes.jsonl").read_text().splitlines()
-    for i, line in enumerate(lines):
-        r = json.loads(line)
-        if r["certificate"]["verdict"] != "undecided":
-            flip = {"certified_ood": "certified_id", "certified_id": "certified_ood"}
-            r["certificate"]["verdict"] = flip[r["certificate"]["verdict"]]
-            lines[i] = json.dumps(r)
-            break
-    (bad / "boxes.jsonl").write_text("\n".join(lines) + "\n")
+    _tamper_first_certified(out, bad, _flip)
     res = CliRunner().invoke(main, ["recheck", str(bad)])
     assert res.exit_code == 1, res.output
     assert "contradicted" in res.output and "DISAGREEMENT" in res.output
@@ -92,3 +99,21 @@ def test_recheck_confirms_then_catches_tampering(results, tmp_path):
     (bad / FEATURES_FILE).unlink()
     res = CliRunner().invoke(main, ["recheck", str(bad)])
     assert res.exit_code == 3 and FEATURES_FILE in res.output
+
+
+def test_recheck_allow_unconfirmed_passes_unproven_but_not_contradicted(results, tmp_path):
+    _, out = results
+    wide = tmp_path / "wide"  # a claimed region far too wide for the float64 re-check to re-prove
+    _tamper_first_certified(out, wide, lambda c: c.update(eps=10.0, radius=None))
+    strict = CliRunner().invoke(main, ["recheck", str(wide), "--format", "json"])
+    assert strict.exit_code == 1, strict.output
+    counts = json.loads(strict.output)["counts"]
+    assert counts["unconfirmed"] == 1 and counts["contradicted"] == 0
+    lenient = CliRunner().invoke(main, ["recheck", str(wide), "--allow-unconfirmed"])
+    assert lenient.exit_code == 0, lenient.output
+    assert "unconfirmed" in lenient.output
+
+    flipped = tmp_path / "flipped"
+    _tamper_first_certified(out, flipped, _flip)
+    res = CliRunner().invoke(main, ["recheck", str(flipped), "--allow-unconfirmed"])
+    assert res.exit_code == 1 and "contradicted" in res.output
