@@ -21,7 +21,7 @@ mean AUROC over the two synthetic sets wins; a variant within 0.005 of it that i
 certood.scores.pvalue_fusion) is preferred. Writes
 ``benchmarks/results/fusion_selection.{md,json}``.
 
-Two rounds of candidates, both judged by that rule on these proxies only:
+Three rounds of candidates, all judged by that rule on these proxies only:
 
 1. ``pvalue_fusion`` variants (energy, Mahalanobis, kNN, ViM residual, all on the penultimate
    features): em_fisher_cc won (session 1);
@@ -30,6 +30,12 @@ Two rounds of candidates, both judged by that rule on these proxies only:
    each with energy and/or Mahalanobis. These components were first screened on the same two
    proxies (about 120 variants: RoI Mahalanobis/kNN/residual, box-regression spread, box
    geometry, jitter energy/KL/flip rates); the ones below are the screen's best of each family.
+3. the round-2 winner with its reference also conditioned on the **box size** (``size_bins``
+   2-4: quantile bins of sqrt(width * height) of the fit boxes within each class; session 3).
+   ``benchmarks/explore/round3_candidates.py`` screened five other kinds of evidence first
+   (outlier exposure, per-cell RoI Gaussians, background belief, image-level TTA, box-head
+   ensembles): none added to the fusion on the near-type proxies (``screen_round3.md``).
+   ``size_bins: 1`` (the round-2 winner) is the simpler variant the rule prefers within 0.005.
 """
 from __future__ import annotations
 
@@ -76,6 +82,8 @@ CANDIDATES = {  # name -> (kind, parameters): round 1 (pvalue_fusion), then roun
     "f_em_jkl": ("fusion", {"of": EM + ["jitter_kl"]}),
     "f_e_resid_jkl": ("fusion", {"of": ["energy", "residual", "jitter_kl"]}),
     "f_em_resid_jkl": ("fusion", {"of": EM + ["residual", "jitter_kl"]}),
+    **{f"f_e_resid_jkl_size{b}": ("fusion", {"of": ["energy", "residual", "jitter_kl"], "size_bins": b})
+       for b in (2, 3, 4)},
 }
 # single scores, for orientation; the fusions of round 2 read them by these names
 REFERENCE = ("energy", "mahalanobis", "knn", "vim", "msp", "residual", "jitter_kl")
@@ -127,10 +135,11 @@ def write_synthetic(out: Path, n_images: int = 150, seed: int = 0) -> Path:
 
 
 def simplicity(candidate: tuple[str, dict]) -> tuple:
-    """Fewer components, then fisher, then class-conditional (the defaults of both kinds)."""
+    """Fewer components, then fisher, then class-conditional, then fewer size bins (the defaults)."""
     _, params = candidate
     components = params.get("components", params.get("of"))
-    return (len(components), COMBINE_ORDER[params.get("combine", "fisher")], not params.get("class_conditional", True))
+    return (len(components), COMBINE_ORDER[params.get("combine", "fisher")], not params.get("class_conditional", True),
+            params.get("size_bins", 1))
 
 
 def choose(results: dict) -> tuple[str, float]:

@@ -74,7 +74,8 @@ def is_fusion(spec: Spec, name: str) -> bool:
 def score_input(spec: Spec, score_name: str, dets: DatasetDetections,
                 values: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """The features a score reads: its tap, foreground columns only for logit taps. A fusion
-    reads the ``values`` of the scores it combines, then its tap's foreground logits."""
+    reads the ``values`` of the scores it combines, each box's size ``sqrt(width * height)``,
+    then its tap's foreground logits."""
     point = spec.taps[spec.scores[score_name].tap]
     x = dets.taps[point].float()
     if TAP_POINTS[point] == "logits":
@@ -85,7 +86,9 @@ def score_input(spec: Spec, score_name: str, dets: DatasetDetections,
     of = spec.scores[score_name].params["of"]
     if values is None or any(c not in values for c in of):
         raise CertoodError(f"score {score_name}: a fusion reads the values of {', '.join(of)}: compute them first")
-    return torch.cat([torch.stack([values[c].double() for c in of], dim=1), x.double()], dim=1)
+    wh = (dets.boxes[:, 2:] - dets.boxes[:, :2]).double().clamp(min=0)
+    size = (wh[:, 0] * wh[:, 1]).sqrt()
+    return torch.cat([torch.stack([values[c].double() for c in of], dim=1), size[:, None], x.double()], dim=1)
 
 
 def score_values(spec: Spec, scores: dict[str, Score], dets: DatasetDetections) -> dict[str, torch.Tensor]:

@@ -45,7 +45,7 @@ def test_reference_is_out_of_fold_and_scoring_reads_the_components():
               "maha": build_score("mahalanobis").fit(score_input(spec, "maha", fit), labels)}
     fusion = build_score("fusion", spec.scores["fused"].params)
     ref = fusion_reference(spec, "fused", fusion, scores, fit, labels, detector=None)
-    assert ref.shape == (60, 3 + 5)
+    assert ref.shape == (60, 3 + 1 + 5)
     fold = fusion.fold_of(60)
     x = score_input(spec, "maha", fit)
     for f in range(3):  # maha, refitted without fold f, scores fold f
@@ -54,12 +54,14 @@ def test_reference_is_out_of_fold_and_scoring_reads_the_components():
         torch.testing.assert_close(ref[held, 0], part.score(x[held]).double())
     assert not torch.allclose(ref[:, 0], scores["maha"].score(x).double())  # in-sample differs
     torch.testing.assert_close(ref[:, 1], scores["energy"].score(score_input(spec, "energy", fit)).double())
-    torch.testing.assert_close(ref[:, 3:], fit.taps["cls_logits"][:, 1:].double())
+    wh = (fit.boxes[:, 2:] - fit.boxes[:, :2]).double().clamp(min=0)
+    torch.testing.assert_close(ref[:, 3], (wh[:, 0] * wh[:, 1]).sqrt())  # the box size
+    torch.testing.assert_close(ref[:, 4:], fit.taps["cls_logits"][:, 1:].double())
     scores["fused"] = fusion.fit(ref)
     values = score_values(spec, scores, fit)
     assert list(values) == list(spec.scores)  # the spec's order, the fusion computed last
     rows = torch.cat([torch.stack([values[c].double() for c in ("maha", "energy", "jkl")], 1),
-                      fit.taps["cls_logits"][:, 1:].double()], 1)
+                      ref[:, 3:4], fit.taps["cls_logits"][:, 1:].double()], 1)
     torch.testing.assert_close(values["fused"], Fusion(of=("maha", "energy", "jkl"), folds=3, min_class_boxes=5)
                                .fit(ref).score(rows))
 

@@ -13,12 +13,19 @@ values of named scores of the same spec, each read at its own tap:
   reference boxes uses the pooled reference). Out of fold: the monitor refits each fitted
   component on ``folds - 1`` folds of the fit boxes and scores the held-out fold
   (:func:`certood.monitor.fusion_reference`), so the reference is not shrunk by overfitting;
+- with ``size_bins: B > 1`` the reference is also conditioned on the **box size**
+  (``sqrt(width * height)`` in pixels): the fit boxes' sizes are cut at their ``1/B, ...,
+  (B-1)/B`` quantiles and a box is compared with the reference boxes of its class *and* size
+  bin (a cell with fewer than ``min_class_boxes`` rows falls back to the class, then to all).
+  Box size is a nuisance for a detector's evidence (small boxes pool fewer pixels and get
+  lower logits), so conditioning on it removes ID variance that is not about the class;
 - the p-values are combined by Fisher (``-2 sum log p_k``), Stouffer or min.
 
-Its input is ``[N, K + C]``: the K component values in ``of`` order, then the C foreground
-logits of its own tap (a logits tap), which give the predicted class. The values and the
-reference stay in the components' own units, so scales never need matching; the score is
-as cheap as a table lookup once its components are computed.
+Its input is ``[N, K + 1 + C]``: the K component values in ``of`` order, the box size, then
+the C foreground logits of its own tap (a logits tap), which give the predicted class
+(:func:`certood.monitor.score_input` builds it). The values and the reference stay in the
+components' own units, so scales never need matching; the score is as cheap as a table
+lookup once its components are computed.
 
 Why it helps on detection, and why these components: the logits see what the classifier
 was trained to separate; the RoI residual sees feature activity in directions that no ID
@@ -30,9 +37,9 @@ different boxes, and p-values put them on one ID-calibrated scale per class.
 
 >>> import torch
 >>> ref = torch.cat([torch.rand(200, 2, generator=torch.Generator().manual_seed(0)),
-...                  torch.eye(2).repeat(100, 1)], dim=1)     # 2 values, then 2 logits
+...                  torch.full((200, 1), 20.0), torch.eye(2).repeat(100, 1)], dim=1)  # 2 values, size, 2 logits
 >>> f = Fusion(of=("a", "b"), min_class_boxes=10).fit(ref, torch.zeros(200, dtype=torch.long))
->>> bool(f.score(torch.tensor([[5.0, 5.0, 1.0, 0.0]])) > f.score(torch.tensor([[0.1, 0.1, 1.0, 0.0]])))
+>>> bool(f.score(torch.tensor([[5.0, 5.0, 20.0, 1.0, 0.0]])) > f.score(torch.tensor([[0.1, 0.1, 20.0, 1.0, 0.0]])))
 True
 """
 from __future__ import annotations
@@ -44,18 +51,18 @@ from torch import Tensor
 
 from certood.errors import ArtifactError, CertoodError
 from certood.scores.base import Score, check_choice, check_features, check_int, check_state_shapes
-from certood.scores.pvalue_fusion import COMBINE, class_pvalues, combine_pvalues, cross_fit_folds
+from certood.scores.pvalue_fusion import COMBINE, combine_pvalues, conditional_pvalues, cross_fit_folds
 
 
 class Fusion(Score):
-    """p-value fusion of named component scores; ``fit([N, K + C] reference rows)`` where the
-    K values are out of fold (the monitor provides them) and the C columns are logits."""
+    """p-value fusion of named component scores; ``fit([N, K + 1 + C] reference rows)`` where
+    the K values are out of fold (the monitor provides them), then the box size, then C logits."""
 
     kind = "fusion"
 
     def __init__(self, of: tuple[str, ...] | list[str] = (), combine: str = "fisher",
                  class_conditional: bool = True, folds: int = 5, min_class_boxes: int = 50,
-                 seed: int = 0) -> None:
+                 seed: int = 0, size_bins: int = 1) -> None:
         super().__init__()
         if isinstance(of, str) or not isinstance(of, (tuple, list)) or len(of) < 2 \
                 or not all(isinstance(n, str) and n for n in of) or len(set(of)) != len(of):
@@ -68,61 +75,85 @@ class Fusion(Score):
         self.folds = check_int("fusion.folds", folds, minimum=2, maximum=20)
         self.min_class_boxes = check_int("fusion.min_class_boxes", min_class_boxes)
         self.seed = check_int("fusion.seed", seed, minimum=0)
+        self.size_bins = check_int("fusion.size_bins", size_bins, minimum=1, maximum=10)
 
     def fold_of(self, n: int) -> Tensor:
         """The cross-fitting fold of each of ``n`` fit rows (seeded): what the monitor refits on."""
         return cross_fit_folds(n, self.folds, self.seed)
 
-    def _split(self, features: Tensor) -> tuple[Tensor, Tensor]:
+    def _split(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(component values [N, K], box sizes [N], predicted class [N])."""
         k = len(self.of)
         x = features.to(torch.float64)
-        return x[:, :k], x[:, k:].argmax(dim=1)
+        return x[:, :k], x[:, k], x[:, k + 1:].argmax(dim=1)
+
+    def size_edges(self) -> Tensor:
+        """The reference boxes' size quantiles that cut the ``size_bins`` bins (empty for 1)."""
+        q = torch.arange(1, self.size_bins, dtype=torch.float64) / self.size_bins
+        return torch.quantile(self.ref_sizes, q) if len(q) else q
+
+    def _levels(self, sizes: Tensor, predicted: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Reference keys finest first: (class, size bin) when binned, class when class-conditional."""
+        levels = []
+        if self.size_bins > 1:
+            edges = self.size_edges()
+            bins = torch.bucketize(sizes.contiguous(), edges, right=True)
+            ref_bins = torch.bucketize(self.ref_sizes, edges, right=True)
+            if self.class_conditional:
+                bins, ref_bins = predicted * self.size_bins + bins, self.ref_classes * self.size_bins + ref_bins
+            levels.append((bins, ref_bins))
+        if self.class_conditional:
+            levels.append((predicted, self.ref_classes))
+        return levels
 
     def _fit(self, features: Tensor, labels: Tensor | None) -> None:
         k = len(self.of)
-        if features.shape[1] < k + 2:
-            raise CertoodError(f"fusion.fit: expected rows of {k} component values then at least 2 logits, "
-                               f"found width {features.shape[1]}")
+        if features.shape[1] < k + 3:
+            raise CertoodError(f"fusion.fit: expected rows of {k} component values, the box size, then at least "
+                               f"2 logits, found width {features.shape[1]}")
         if features.shape[0] < 2 * self.folds:
             raise CertoodError(f"fusion.fit: expected at least {2 * self.folds} reference rows, found "
                                f"{features.shape[0]}")
-        values, predicted = self._split(features)
-        if not bool(torch.isfinite(values).all()):
-            raise CertoodError("fusion.fit: a component value of a reference row is not finite")
+        values, sizes, predicted = self._split(features)
+        if not bool(torch.isfinite(values).all()) or not bool(torch.isfinite(sizes).all()):
+            raise CertoodError("fusion.fit: a component value or box size of a reference row is not finite")
         self.ref_scores, self.ref_classes = values.contiguous(), predicted.contiguous()
-        self.class_counts = torch.bincount(predicted, minlength=features.shape[1] - k)
+        self.ref_sizes = sizes.contiguous()
+        self.class_counts = torch.bincount(predicted, minlength=features.shape[1] - k - 1)
         self.feature_dim = features.shape[1]
 
     def pvalues(self, features: Tensor) -> Tensor:
         """The components' p-values ``[N, K]`` (float64, in ``of`` order)."""
         if not self.is_fitted:
             raise CertoodError("fusion: expected a fitted score, found an unfitted one")
-        values, predicted = self._split(check_features(features, "fusion.pvalues", self.feature_dim))
-        return class_pvalues(values, predicted, self.ref_scores, self.ref_classes,
-                             self.class_conditional, self.min_class_boxes)
+        values, sizes, predicted = self._split(check_features(features, "fusion.pvalues", self.feature_dim))
+        return conditional_pvalues(values, self.ref_scores, self._levels(sizes, predicted), self.min_class_boxes)
 
     def _score(self, features: Tensor) -> Tensor:
         return combine_pvalues(self.pvalues(features), self.combine).to(features.dtype)
 
     def state_tensors_spec(self) -> tuple[str, ...]:
-        return ("ref_scores", "ref_classes", "class_counts")
+        return ("ref_scores", "ref_classes", "ref_sizes", "class_counts")
 
     def state_tensors(self) -> dict[str, Tensor]:
         if not self.is_fitted:
             return {}
         return {"ref_scores": self.ref_scores.contiguous().clone(),
                 "ref_classes": self.ref_classes.contiguous().clone(),
+                "ref_sizes": self.ref_sizes.contiguous().clone(),
                 "class_counts": self.class_counts.contiguous().clone()}
 
     def _load(self, state: dict[str, Tensor]) -> None:
         sizes = check_state_shapes("fusion", state, {"ref_scores": ("M", len(self.of)), "ref_classes": ("M",),
-                                                     "class_counts": ("C",)})
+                                                     "ref_sizes": ("M",), "class_counts": ("C",)})
         if state["ref_classes"].is_floating_point() or state["class_counts"].is_floating_point():
             raise ArtifactError("fusion: expected integer ref_classes and class_counts, found floating point")
         self.ref_scores = state["ref_scores"].to(torch.float64)
         self.ref_classes, self.class_counts = state["ref_classes"].long(), state["class_counts"].long()
-        self.feature_dim = len(self.of) + sizes["C"]
+        self.ref_sizes = state["ref_sizes"].to(torch.float64)
+        self.feature_dim = len(self.of) + 1 + sizes["C"]
 
     def params(self) -> dict[str, Any]:
         return {"of": list(self.of), "combine": self.combine, "class_conditional": self.class_conditional,
-                "folds": self.folds, "min_class_boxes": self.min_class_boxes, "seed": self.seed}
+                "folds": self.folds, "min_class_boxes": self.min_class_boxes, "seed": self.seed,
+                "size_bins": self.size_bins}

@@ -91,20 +91,36 @@ def class_pvalues(values: Tensor, predicted: Tensor, ref_scores: Tensor, ref_cla
     >>> class_pvalues(torch.tensor([[1.5], [1.5]]), torch.tensor([0, 1]), ref, cls, True, 2).flatten().tolist()
     [0.6666666666666666, 1.0]
     """
+    levels = [(predicted, ref_classes)] if class_conditional else []
+    return conditional_pvalues(values, ref_scores, levels, min_class_boxes)
+
+
+def conditional_pvalues(values: Tensor, ref_scores: Tensor, levels: list[tuple[Tensor, Tensor]],
+                        min_boxes: int) -> Tensor:
+    """p-values ``[N, K]`` of ``values [N, K]`` against reference rows ``ref_scores [M, K]``
+    that share the row's key, trying ``levels`` finest first: each level is (row keys ``[N]``,
+    reference keys ``[M]``), and a row uses the first level whose key has at least
+    ``min_boxes`` reference rows; a row no level serves uses every reference row.
+
+    >>> ref = torch.tensor([[1.0], [2.0], [3.0], [10.0], [20.0]])
+    >>> fine, coarse = (torch.tensor([5, 7]), torch.tensor([5, 5, 6, 7, 7])), (torch.tensor([0, 0]), torch.zeros(5))
+    >>> conditional_pvalues(torch.tensor([[1.5], [1.5]]), ref, [fine, coarse], 2).flatten().tolist()
+    [0.6666666666666666, 1.0]
+    """
     p = torch.empty_like(values, dtype=torch.float64)
-    pooled = torch.ones_like(predicted, dtype=torch.bool)
-    if class_conditional:
-        for c in predicted.unique().tolist():
-            ref_rows = ref_classes == c
-            if int(ref_rows.sum()) < min_class_boxes:
+    pending = torch.ones(values.shape[0], dtype=torch.bool)
+    for keys, ref_keys in levels:
+        for key in keys[pending].unique().tolist():
+            ref_rows = ref_keys == key
+            if int(ref_rows.sum()) < min_boxes:
                 continue
-            rows = predicted == c
-            pooled[rows] = False
+            rows = pending & (keys == key)
+            pending &= ~rows
             for k in range(values.shape[1]):
                 p[rows, k] = empirical_pvalues(values[rows, k], ref_scores[ref_rows, k])
-    if pooled.any():
+    if pending.any():
         for k in range(values.shape[1]):
-            p[pooled, k] = empirical_pvalues(values[pooled, k], ref_scores[:, k])
+            p[pending, k] = empirical_pvalues(values[pending, k], ref_scores[:, k])
     return p
 
 

@@ -246,7 +246,10 @@ SCORE_KIND_TABLE: dict[str, ScoreKind] = {
     "fusion": ScoreKind(
         params={"of": Field(List(Str(SCORE_NAME, "a score name"), min_items=2), required=True,
                             description="names of other scores of this spec to combine (at least 2, no fusion)"),
-                **PVALUE_PARAMS},
+                **PVALUE_PARAMS,
+                "size_bins": Field(Int(min=1, max=10), default=1,
+                                   description="also condition the reference on the box size: this many "
+                                   "quantile bins of sqrt(width * height) of the fit boxes (1: class only)")},
         tap_point="logits",
         needs_fit=True,
         description="class-conditional ID-calibrated p-values of other scores of the spec (out of fold "
