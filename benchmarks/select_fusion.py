@@ -48,11 +48,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from certood.check import load_spec_detector
 from certood.data.digitsdet import (
-    CANVAS, ID_DIGITS, UNKNOWN_CATEGORY_ID, Glyph, compose_canvas, ensure_digitsdet, load_glyphs,
+    ID_DIGITS, UNKNOWN_CATEGORY_ID, Glyph, ensure_digitsdet, load_glyphs, write_canvases,
 )
 from certood.metrics import ood_metrics
 from certood.monitor import calibrate, load_dataset
@@ -106,27 +105,21 @@ def write_synthetic(out: Path, n_images: int = 150, seed: int = 0) -> Path:
     if (out / "COMPLETE").exists():
         return out
     pool = [g for g in load_glyphs(seed)["val"] if int(g.name) in ID_DIGITS]
+
+    def pick(split: str, rng: np.random.Generator) -> list[Glyph]:
+        glyphs = []
+        for _ in range(int(rng.integers(1, 5))):
+            a = pool[int(rng.integers(len(pool)))]
+            if split == "synth-chimera":
+                others = [g for g in pool if g.name != a.name]
+                glyphs.append(chimera(a, others[int(rng.integers(len(others)))]))
+            else:
+                glyphs.append(scrambled(a, rng))
+        return glyphs
+
     for k, split in enumerate(SYNTH):
-        rng = np.random.default_rng([seed, 100 + k])
-        (out / split).mkdir(parents=True, exist_ok=True)
-        images, annotations = [], []
-        for image_id in range(1, n_images + 1):
-            glyphs = []
-            for _ in range(int(rng.integers(1, 5))):
-                a = pool[int(rng.integers(len(pool)))]
-                if split == "synth-chimera":
-                    others = [g for g in pool if g.name != a.name]
-                    glyphs.append(chimera(a, others[int(rng.integers(len(others)))]))
-                else:
-                    glyphs.append(scrambled(a, rng))
-            pixels, placed = compose_canvas(glyphs, rng)
-            name = f"{image_id:06d}.png"
-            Image.fromarray(pixels, mode="L").save(out / split / name)
-            images.append({"id": image_id, "file_name": name, "width": CANVAS, "height": CANVAS})
-            for (x0, y0, x1, y1), g in placed:
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                    "category_id": UNKNOWN_CATEGORY_ID, "bbox": [x0, y0, x1 - x0, y1 - y0],
-                                    "area": (x1 - x0) * (y1 - y0), "iscrowd": 0, "source": g.source})
+        images, annotations = write_canvases(out / split, n_images, lambda r, split=split: pick(split, r),
+                                             np.random.default_rng([seed, 100 + k]), lambda g: UNKNOWN_CATEGORY_ID)
         cats = [{"id": d + 1, "name": str(d)} for d in ID_DIGITS] + [{"id": UNKNOWN_CATEGORY_ID, "name": "unknown"}]
         (out / f"{split}.json").write_text(json.dumps({"images": images, "annotations": annotations,
                                                       "categories": cats}))

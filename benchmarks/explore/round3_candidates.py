@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision.ops import box_iou
 
 HERE = Path(__file__).resolve().parent
@@ -49,8 +48,8 @@ sys.path.insert(0, str(HERE.parent))
 from certood.check import load_spec_detector  # noqa: E402
 from certood.data.coco import CocoDataset  # noqa: E402
 from certood.data.digitsdet import (  # noqa: E402
-    CANVAS, ID_DIGITS, UNKNOWN_CATEGORY_ID, Glyph, compose_canvas, ensure_digitsdet, load_glyphs,
-    split_paths,
+    CANVAS, ID_DIGITS, UNKNOWN_CATEGORY_ID, Glyph, ensure_digitsdet, load_glyphs, split_paths,
+    write_canvases,
 )
 from certood.detectors.torchvision_frcnn import run_backbone  # noqa: E402
 from certood.extract import extract_detections  # noqa: E402
@@ -90,17 +89,9 @@ def write_family(out: Path, family: str, split: str, n_images: int) -> CocoDatas
     if not ann.exists():
         pool = [g for g in load_glyphs(SEED)[split] if int(g.name) in ID_DIGITS]
         rng = np.random.default_rng([SEED, FAMILIES.index(family), 7 if split == "train" else 11])
-        folder.mkdir(parents=True, exist_ok=True)
-        images, annotations = [], []
-        for image_id in range(1, n_images + 1):
-            pixels, placed = compose_canvas([make_glyph(family, pool, rng) for _ in range(int(rng.integers(1, 5)))], rng)
-            name = f"{image_id:06d}.png"
-            Image.fromarray(pixels, mode="L").save(folder / name)
-            images.append({"id": image_id, "file_name": name, "width": CANVAS, "height": CANVAS})
-            for (x0, y0, x1, y1), _ in placed:
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                    "category_id": UNKNOWN_CATEGORY_ID, "bbox": [x0, y0, x1 - x0, y1 - y0],
-                                    "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+        images, annotations = write_canvases(
+            folder, n_images, lambda r: [make_glyph(family, pool, r) for _ in range(int(r.integers(1, 5)))], rng,
+            lambda g: UNKNOWN_CATEGORY_ID)
         cats = [{"id": d + 1, "name": str(d)} for d in ID_DIGITS] + [{"id": UNKNOWN_CATEGORY_ID, "name": "unknown"}]
         ann.write_text(json.dumps({"images": images, "annotations": annotations, "categories": cats}))
     return CocoDataset.load(ann, folder, name=f"{split}-{family}")

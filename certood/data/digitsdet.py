@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,25 +197,33 @@ def _pick(split: str, glyphs: dict[str, list[Glyph]], rng: np.random.Generator) 
     return picks
 
 
-def generate_split(split: str, n_images: int, glyphs: dict[str, list[Glyph]], out_dir: Path,
-                   seed: int) -> dict:
-    """Write one split's PNGs into ``out_dir/split`` and return its COCO dict."""
-    rng = np.random.default_rng([seed, SPLITS.index(split)])
-    img_dir = out_dir / split
+def write_canvases(img_dir: Path, n_images: int, pick: Callable[[np.random.Generator], list[Glyph]],
+                   rng: np.random.Generator, category_of: Callable[[Glyph], int] = _category_of
+                   ) -> tuple[list[dict], list[dict]]:
+    """Compose ``n_images`` canvases of the glyphs ``pick(rng)`` chooses, write their PNGs into
+    ``img_dir``, and return the COCO ``images`` and ``annotations`` (ids from 1)."""
     img_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for image_id in range(1, n_images + 1):
-        pixels, placed = compose_canvas(_pick(split, glyphs, rng), rng)
+        pixels, placed = compose_canvas(pick(rng), rng)
         name = f"{image_id:06d}.png"
         Image.fromarray(pixels, mode="L").save(img_dir / name)
         images.append({"id": image_id, "file_name": name, "width": CANVAS, "height": CANVAS})
         for (x0, y0, x1, y1), glyph in placed:
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id,
-                "category_id": _category_of(glyph),
+                "category_id": category_of(glyph),
                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
                 "iscrowd": 0, "source": glyph.source, "source_class": glyph.name,
             })
+    return images, annotations
+
+
+def generate_split(split: str, n_images: int, glyphs: dict[str, list[Glyph]], out_dir: Path,
+                   seed: int) -> dict:
+    """Write one split's PNGs into ``out_dir/split`` and return its COCO dict."""
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    images, annotations = write_canvases(out_dir / split, n_images, lambda r: _pick(split, glyphs, r), rng)
     return {
         "info": {"description": f"DigitsDet {split}", "version": FORMAT_VERSION, "seed": seed},
         "images": images,
