@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .z3_exact import HeadDecision, _forward, _linear_layers, preactivation_bounds
+from .z3_exact import HeadDecision, _forward, head_problem
 
 __all__ = ["decide_relu_head_milp"]
 
@@ -39,11 +39,7 @@ def decide_relu_head_milp(layers, x_lo: Tensor, x_hi: Tensor, c: Tensor, d: floa
     from scipy.sparse import lil_matrix
 
     start = time.perf_counter()
-    linears = _linear_layers(layers)
-    x_lo, x_hi = x_lo.double().flatten(), x_hi.double().flatten()
-    c = c.double().flatten()
-    if pre_bounds is None:
-        pre_bounds = preactivation_bounds(layers, x_lo, x_hi)
+    linears, x_lo, x_hi, c, pre_bounds = head_problem(layers, x_lo, x_hi, c, pre_bounds)
 
     # variables: x, then per hidden layer its activations a, then the binaries
     lb, ub, integrality = list(x_lo.tolist()), list(x_hi.tolist()), [0] * len(x_lo)

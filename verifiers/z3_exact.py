@@ -220,6 +220,16 @@ def _forward(linears, x: Tensor) -> Tensor:
     return x
 
 
+def head_problem(layers, x_lo: Tensor, x_hi: Tensor, c: Tensor,
+                 pre_bounds: list[tuple[Tensor, Tensor]] | None):
+    """What both exact head deciders (z3, MILP) start from: the head's Linear layers, the box
+    and ``c`` flattened to float64, and the hidden pre-activation bounds (CROWN when not given)."""
+    x_lo, x_hi = x_lo.double().flatten(), x_hi.double().flatten()
+    if pre_bounds is None:
+        pre_bounds = preactivation_bounds(layers, x_lo, x_hi)
+    return _linear_layers(layers), x_lo, x_hi, c.double().flatten(), pre_bounds
+
+
 def decide_relu_head(layers, x_lo: Tensor, x_hi: Tensor, c: Tensor, d: float = 0.0, *,
                      strict: bool = True, timeout_s: float = 10.0,
                      pre_bounds: list[tuple[Tensor, Tensor]] | None = None) -> HeadDecision:
@@ -231,11 +241,7 @@ def decide_relu_head(layers, x_lo: Tensor, x_hi: Tensor, c: Tensor, d: float = 0
     """
     z3 = _z3()
     start = time.perf_counter()
-    linears = _linear_layers(layers)
-    x_lo, x_hi = x_lo.double().flatten(), x_hi.double().flatten()
-    c = c.double().flatten()
-    if pre_bounds is None:
-        pre_bounds = preactivation_bounds(layers, x_lo, x_hi)
+    linears, x_lo, x_hi, c, pre_bounds = head_problem(layers, x_lo, x_hi, c, pre_bounds)
     xs = [z3.Real(f"x{i}") for i in range(len(x_lo))]
     cons = []
     for v, lo, hi in zip(xs, x_lo.tolist(), x_hi.tolist()):
