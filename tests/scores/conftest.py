@@ -76,3 +76,23 @@ def _round_trip(score):
 def round_trip():
     """``round_trip(score)``: the score rebuilt via ``build_score`` and safetensors bytes."""
     return _round_trip
+
+
+def _assert_same_ranking(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-6) -> None:
+    """``b`` ranks the rows as ``a`` does, except between rows closer than ``rtol`` (relative).
+
+    Two implementations that sum in different orders agree to float tolerance, so an exact
+    argsort comparison would fail on near ties; an inversion wider than the tolerance would
+    show as a row of ``b`` (taken in ``a``'s order) below the running maximum before it.
+    """
+    a, b = a.double(), b.double()
+    in_a_order = b[torch.argsort(a)]
+    drop = in_a_order.cummax(0).values - in_a_order
+    tol = rtol * float(b.abs().max())
+    assert float(drop.max()) <= tol, f"an inversion of {float(drop.max()):.3g} > {tol:.3g}"
+
+
+@pytest.fixture(scope="session")
+def same_ranking():
+    """``same_ranking(a, b, rtol)``: ``b`` orders the rows like ``a`` up to near ties."""
+    return _assert_same_ranking
