@@ -57,26 +57,25 @@ def detections(pair):
     return [torch_det.detect([im])[0] for im in images], onnx_det.detect(images)
 
 
-def test_onnx_detections_equal_the_pytorch_adapter(detections):
+def test_onnx_detections_equal_the_pytorch_adapter(detections, same_detections):
     for a, b in zip(*detections):
-        assert len(a) == len(b) >= 50
-        assert torch.equal(a.labels, b.labels)
-        torch.testing.assert_close(b.boxes, a.boxes, rtol=1e-5, atol=1e-3)
-        torch.testing.assert_close(b.scores, a.scores, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-4)
-        assert set(b.taps) == set(FRCNN_TENSORS)
+        assert len(a) >= 50 and set(b.taps) == set(FRCNN_TENSORS)
         for point in FRCNN_TENSORS:
             assert b.taps[point].shape == a.taps[point].shape  # RoI features flattened per box
-            torch.testing.assert_close(b.taps[point], a.taps[point], rtol=1e-4, atol=1e-4)
+        # two runtimes sum in different orders: equal to tolerance, near ties in any order
+        same_detections(a, b, box_atol=1e-3, score_atol=1e-4, tap_rtol=1e-4, tap_atol=1e-4,
+                        taps=FRCNN_TENSORS)
 
 
-def test_per_box_ood_scores_equal_the_pytorch_path(detections):
+def test_per_box_ood_scores_equal_the_pytorch_path(detections, pair_detections):
     torch_dets, onnx_dets = detections
     fit = torch.cat([d.taps["box_head.output"] for d in torch_dets])
     _, classes = torch.cat([d.labels for d in torch_dets]).unique(return_inverse=True)
     maha = Mahalanobis().fit(fit, classes)
     energy = Energy()
     for a, b in zip(torch_dets, onnx_dets):
+        rows, cols = pair_detections(a, b, box_atol=1e-3, score_atol=1e-4)
+        a, b = a.select(rows), b.select(cols)
         torch.testing.assert_close(energy.score(b.logits[:, 1:]), energy.score(a.logits[:, 1:]),
                                    rtol=1e-4, atol=1e-4)
         ref = maha.score(a.taps["box_head.output"])
