@@ -18,8 +18,11 @@ fitting: the Gaussian, the kNN bank and the subspace that score a fold are fitte
 folds, so reference values are not shrunk by overfitting; the final model is fitted on all fit
 boxes). A class with fewer than ``min_class_boxes`` reference boxes uses the pooled reference.
 The p-values are combined by ``fisher`` (``-2 sum log p_k``, chi-squared with 2K degrees of
-freedom for independent p-values), ``stouffer`` (``sum Phi^-1(1 - p_k) / sqrt(K)``) or ``min``
-(``-log min p_k``).
+freedom for independent p-values), ``stouffer`` (``sum Phi^-1(1 - p_k) / sqrt(K)``), ``min``
+(``-log min p_k``: the Bonferroni combination ``min(1, K min p_k)`` ranks boxes the same way) or
+``hmp`` (``-log`` of the harmonic mean p-value ``K / sum 1/p_k``). Fisher and Stouffer add
+evidence, so one strong p-value among K - 1 ID-like ones is diluted; ``min`` and ``hmp`` are
+driven by the smallest p-values and keep a novelty that only one component sees.
 
 Why this helps on detection: (1) logit scores and feature scores miss different objects (an
 unseen object drawn into a known class's logit region keeps a confident logit but lands away
@@ -54,7 +57,7 @@ from certood.scores.mahalanobis import fit_class_gaussians, mahalanobis_score, p
 from certood.scores.vim import fit_vim
 
 COMPONENTS = ("energy", "mahalanobis", "knn", "residual")
-COMBINE = ("fisher", "stouffer", "min")
+COMBINE = ("fisher", "stouffer", "min", "hmp")
 KNN_K = 10  # small: a fold's bank holds a fraction of the fit boxes
 _COMPONENT_STATE = {"energy": (), "mahalanobis": ("means", "precision"), "knn": ("bank",),
                     "residual": ("origin", "residual_basis")}
@@ -129,6 +132,8 @@ def combine_pvalues(p: Tensor, method: str) -> Tensor:
 
     >>> round(combine_pvalues(torch.tensor([[0.5, 0.5]]), "fisher").item(), 4)  # -2 * 2 * log 0.5
     2.7726
+    >>> round(combine_pvalues(torch.tensor([[0.01, 1.0]]), "hmp").item(), 4)  # -log(2 / 101)
+    3.922
     """
     p = p.to(torch.float64).clamp(min=1e-300, max=1.0)
     if method == "fisher":
@@ -138,6 +143,8 @@ def combine_pvalues(p: Tensor, method: str) -> Tensor:
         return z.sum(dim=1) / math.sqrt(p.shape[1])
     if method == "min":
         return -torch.log(p.min(dim=1).values)
+    if method == "hmp":  # -log(K / sum 1/p): the harmonic mean p-value, in (0, 1]
+        return torch.log((1.0 / p).sum(dim=1) / p.shape[1])
     raise CertoodError(f"pvalue_fusion.combine: expected one of {', '.join(COMBINE)}, found {method!r}")
 
 

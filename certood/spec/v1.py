@@ -62,7 +62,8 @@ LOG_CLASSES = "log(C)"  # a value_range bound: log of the number of foreground c
 
 # How ID-calibrated p-values are formed and combined: pvalue_fusion and fusion alike.
 PVALUE_PARAMS = {
-    "combine": Field(Enum(("fisher", "stouffer", "min")), default="fisher", description="how p-values are combined"),
+    "combine": Field(Enum(("fisher", "stouffer", "min", "hmp")), default="fisher",
+                     description="how p-values are combined (hmp: harmonic mean p-value)"),
     "class_conditional": Field(Enum((False, True)), default=True,
                                description="p-values against the predicted class's ID boxes"),
     "folds": Field(Int(min=2, max=20), default=5, description="cross-fitting folds of the reference"),

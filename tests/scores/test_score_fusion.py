@@ -122,3 +122,58 @@ def test_fit_rejects_rows_without_a_size_column_or_with_a_bad_size():
     sizes[3] = float("nan")
     with pytest.raises(CertoodError, match="not finite"):
         Fusion(of=("a", "b")).fit(_rows(ref, sizes, r_classes))
+
+
+def _combined_brute_force(p: np.ndarray, combine: str) -> np.ndarray:
+    """Each combiner written out row by row from its textbook formula (numpy, scipy)."""
+    from scipy.stats import norm
+
+    out = []
+    for row in p:
+        k = len(row)
+        if combine == "fisher":
+            out.append(-2.0 * sum(np.log(v) for v in row))
+        elif combine == "stouffer":
+            out.append(sum(norm.isf(min(v, 1 - 1e-12)) for v in row) / np.sqrt(k))  # p = 1 kept finite
+        elif combine == "min":
+            out.append(-np.log(min(row)))
+        else:  # hmp: minus the log of the harmonic mean p-value
+            out.append(-np.log(k / sum(1.0 / v for v in row)))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("combine", ["fisher", "stouffer", "min", "hmp"])
+def test_each_combiner_matches_its_formula_on_the_fusions_own_pvalues(combine):
+    ref, r_sizes, r_classes = _reference()
+    query = torch.randn(40, 2, generator=torch.Generator().manual_seed(6)) * 2
+    rows = _rows(query, torch.full((40,), 20.0), torch.arange(40) % 3)
+    f = Fusion(of=("a", "b"), min_class_boxes=40, combine=combine).fit(_rows(ref, r_sizes, r_classes))
+    expected = _combined_brute_force(f.pvalues(rows).numpy(), combine)
+    np.testing.assert_allclose(f.score(rows).numpy(), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_min_and_hmp_keep_a_novelty_only_one_component_sees_where_fisher_dilutes_it():
+    """Three components: for the "one-sided" box only the first sees anything (p = 1/301, the
+    others median-like); the "diffuse" box is mildly unusual on all three (p ~ 0.05 each).
+    Fisher ranks the diffuse box above the one-sided one; min and hmp rank the one-sided box first."""
+    n = 300
+    ref = torch.arange(n, dtype=torch.float64)[:, None].repeat(1, 3)  # every column uniform 0..299
+    f = {c: Fusion(of=("a", "b", "c"), class_conditional=False, combine=c).fit(
+        _rows(ref, torch.full((n,), 20.0), torch.zeros(n, dtype=torch.long))) for c in ("fisher", "min", "hmp")}
+    one_sided = torch.tensor([[1000.0, 150.0, 150.0]])
+    diffuse = torch.tensor([[285.0, 285.0, 285.0]])
+    rows = _rows(torch.cat([one_sided, diffuse]), torch.full((2,), 20.0), torch.zeros(2, dtype=torch.long))
+    fisher, low, hmp = (f[c].score(rows) for c in ("fisher", "min", "hmp"))
+    assert fisher[1] > fisher[0] and low[0] > low[1] and hmp[0] > hmp[1], (fisher, low, hmp)
+
+
+def test_hmp_is_a_combine_choice_and_survives_a_state_round_trip():
+    ref, r_sizes, r_classes = _reference()
+    f = Fusion(of=("a", "b"), min_class_boxes=40, combine="hmp").fit(_rows(ref, r_sizes, r_classes))
+    again = build_score("fusion", f.params()).load_state_tensors(f.state_tensors())
+    query = _rows(torch.randn(10, 2, generator=torch.Generator().manual_seed(7)), torch.full((10,), 20.0),
+                  torch.arange(10) % 3)
+    assert again.params()["combine"] == "hmp"
+    torch.testing.assert_close(again.score(query), f.score(query))
+    with pytest.raises(CertoodError, match="fusion.combine"):
+        Fusion(of=("a", "b"), combine="harmonic")

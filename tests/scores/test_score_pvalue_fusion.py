@@ -37,7 +37,7 @@ def test_combination_matches_scipy(method):
 def test_min_combination_and_unknown_method():
     p = torch.tensor([[0.2, 0.05], [0.5, 0.9]])
     np.testing.assert_allclose(combine_pvalues(p, "min").numpy(), -np.log([0.05, 0.5]), rtol=1e-6)
-    with pytest.raises(CertoodError, match="expected one of fisher, stouffer, min, found 'sum'"):
+    with pytest.raises(CertoodError, match="expected one of fisher, stouffer, min, hmp, found 'sum'"):
         combine_pvalues(p, "sum")
 
 
