@@ -50,7 +50,7 @@ from certood.recheck import FEATURES_FILE, certify_features_blob
 from certood.errors import CertoodError
 from certood.extract import DatasetDetections, ProgressFactory, extract_detections
 from certood.metrics import GT_MATCH, coco_map, gt_matched_metrics, ood_metrics
-from certood.monitor import Monitor, calibrate, gt_match_dataset, load_dataset, match_dataset
+from certood.monitor import CALIBRATION_SETS, Monitor, calibrate, gt_match_dataset, match_dataset, spec_datasets
 from certood.spec import Spec
 
 PROTOCOL = ("box-level (VOS): boxes with detector score >= the calibrated detector threshold; "
@@ -166,16 +166,19 @@ def run_check(spec: Spec, out_dir: Path, monitor_dir: Path | None = None,
     out_dir = Path(out_dir)
     if monitor_dir is not None:
         read_manifest(monitor_dir)  # fail fast, before the detector loads
+    # every annotation file the run reads, checked before the detector loads (images: lazily)
+    datasets = spec_datasets(spec, calibration=monitor_dir is None, test=True)
     detector = load_spec_detector(spec)
     if monitor_dir is not None:
         monitor = load_monitor(monitor_dir, spec, detector.weights_sha256, detector.foreground_head())
     else:
-        monitor, _ = calibrate(spec, detector, detector.num_classes, progress=progress)
+        monitor, _ = calibrate(spec, detector, detector.num_classes, progress=progress, datasets=datasets)
         save_monitor(monitor, out_dir / "monitor")
 
     sources = ([("id_test", spec.data.id_test)] if spec.data.id_test else []) + \
               [(f"ood/{name}", src) for name, src in spec.data.ood.items()]
-    issues = [f"calibration: {m}" for m in monitor.calibration.get("calibration_issues", [])]
+    issues = [m if m.startswith(CALIBRATION_SETS) else f"calibration: {m}"  # older monitors: unnamed
+              for m in monitor.calibration.get("calibration_issues", [])]
     lines: list[str] = []
     per_set: dict[str, dict] = {}
     detector_seconds, images_seen = 0.0, 0
@@ -188,14 +191,15 @@ def run_check(spec: Spec, out_dir: Path, monitor_dir: Path | None = None,
         points.add("cls_logits")  # the logits always travel with the exported features
     exported: dict = {}  # data set -> (monitored detections, their first line in boxes.jsonl)
     for name, source in sources:
-        dataset = load_dataset(source, name)
+        dataset = datasets[name]
         dets_all = extract_detections(detector, dataset, points, progress=progress,
                                       min_score=monitor.detector_threshold)
         detector_seconds += dets_all.seconds - dets_all.optional_seconds  # the forward pass alone
         score_seconds += dets_all.optional_seconds  # extra passes for scores (box jitter) are theirs
         images_seen += dets_all.n_images
         if name == "id_test":
-            id_map = coco_map(dataset.coco, dets_all.coco_results(monitor.label_to_category))
+            id_map = coco_map(dataset.coco, dets_all.coco_results(monitor.label_to_category),
+                              image_ids=dets_all.read_image_ids)  # unread images leave the evaluation
         dets = dets_all.select(dets_all.det_scores >= monitor.detector_threshold)
         start = time.perf_counter()
         values = monitor.score_boxes(dets)

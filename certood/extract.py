@@ -13,6 +13,7 @@ import torch
 
 from certood.data.coco import CocoDataset
 from certood.detectors.base import Detections
+from certood.errors import DataError
 
 ProgressFactory = Callable[[Iterable, int, str], Iterable]
 
@@ -37,6 +38,7 @@ class DatasetDetections:
     n_images: int  # images actually processed (unreadable ones are skipped)
     seconds: float  # detector wall time, for cost ratios
     optional_seconds: float = 0.0  # of which on optional tap points (box_jitter.logits): not the forward pass
+    read_image_ids: tuple[int, ...] = ()  # the images read, in order: what mAP is computed over
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -44,7 +46,7 @@ class DatasetDetections:
     def select(self, keep: torch.Tensor) -> "DatasetDetections":
         return DatasetDetections(self.name, self.image_ids[keep], self.boxes[keep], self.labels[keep],
                                  self.det_scores[keep], {k: v[keep] for k, v in self.taps.items()},
-                                 self.n_images, self.seconds, self.optional_seconds)
+                                 self.n_images, self.seconds, self.optional_seconds, self.read_image_ids)
 
     def coco_results(self, label_to_category: list[int]) -> list[dict]:
         """Detections in the COCO results format (for pycocotools)."""
@@ -74,16 +76,22 @@ def extract_detections(detector: Detector, dataset: CocoDataset, points: Iterabl
 
     ``min_score`` (the monitor's detector threshold, when known): optional tap points
     (``box_jitter.logits``, extra passes) are computed only for boxes scoring at least that;
-    their rows for the others are NaN (those boxes are never monitored)."""
+    their rows for the others are NaN (those boxes are never monitored).
+
+    Raises DataError, naming the data set and its annotation file, when it lists no image or
+    none can be read (an empty result would carry no feature widths for the scores). Images
+    read on which the detector finds nothing give rows of the right widths, zero of them."""
     import time
 
     points = sorted(set(points))
+    issues_before = len(dataset.issues)  # the first image issue names why nothing could be read
     images: Iterable = dataset.iter_images()
     if progress is not None:
         images = progress(images, len(dataset.records), dataset.name)
     ids, boxes, labels, scores = [], [], [], []
     taps: dict[str, list[torch.Tensor]] = {p: [] for p in points}
-    n_images, seconds = 0, 0.0
+    read_ids: list[int] = []
+    seconds = 0.0
     optional = [p for p in points if p in getattr(detector, "optional_tap_points", ())]
     optional_start = getattr(detector, "optional_seconds", 0.0)
     for batch in _batches(images, batch_size):
@@ -94,7 +102,7 @@ def extract_detections(detector: Detector, dataset: CocoDataset, points: Iterabl
             results = detector.detect([image for _, image in batch])
         seconds += time.perf_counter() - start
         for (record, _), det in zip(batch, results):
-            n_images += 1
+            read_ids.append(record.image_id)
             ids.append(torch.full((len(det),), record.image_id, dtype=torch.long))
             boxes.append(det.boxes)
             labels.append(det.labels)
@@ -102,10 +110,11 @@ def extract_detections(detector: Detector, dataset: CocoDataset, points: Iterabl
             for p in points:
                 taps[p].append(det.taps[p])
     optional_seconds = getattr(detector, "optional_seconds", 0.0) - optional_start
-    if not ids:
-        empty = torch.zeros(0)
-        return DatasetDetections(dataset.name, empty.long(), empty.reshape(0, 4), empty.long(), empty,
-                                 {p: empty.reshape(0, 0) for p in points}, n_images, seconds, optional_seconds)
+    if not read_ids:
+        if not dataset.records:
+            raise DataError(f"{dataset.source}: lists no usable image")
+        first = f" (first: {dataset.issues[issues_before]})" if len(dataset.issues) > issues_before else ""
+        raise DataError(f"{dataset.source}: none of its {len(dataset.records)} images could be read{first}")
     return DatasetDetections(dataset.name, torch.cat(ids), torch.cat(boxes), torch.cat(labels),
                              torch.cat(scores), {p: torch.cat(v) for p, v in taps.items()},
-                             n_images, seconds, optional_seconds)
+                             len(read_ids), seconds, optional_seconds, tuple(read_ids))

@@ -435,7 +435,7 @@ def f1_optimal_threshold(det_scores: Any, is_tp: Any, n_gt: int) -> float:
 
 
 # --------------------------------------------------------------------------- COCO mAP
-def coco_map(gt: Any, detections: list[dict]) -> dict[str, float | int]:
+def coco_map(gt: Any, detections: list[dict], image_ids: Any = None) -> dict[str, float | int]:
     """COCO bbox mAP (IoU .50:.95), mAP50 and mAP75 through pycocotools' ``COCOeval``.
 
     ``gt`` is a COCO-format dict or a ``pycocotools.coco.COCO``; ``detections`` are dicts with
@@ -443,6 +443,11 @@ def coco_map(gt: Any, detections: list[dict]) -> dict[str, float | int]:
     the detections are not modified (a ``COCO`` object gets pycocotools' usual ``ignore``
     keys). Annotations without ``area`` get ``w * h``. pycocotools' prints are swallowed. No
     detections gives zeros; pycocotools' -1 (no ground truth at all) is passed through.
+
+    ``image_ids``: evaluate over these images only (``COCOeval.params.imgIds``), the ones the
+    detector actually ran on; the ground truth of an image that could not be read must not
+    count as missed. Default: every image of ``gt``. The result is the same as evaluating a
+    ``gt`` reduced to those images.
 
     >>> gt = {"images": [{"id": 1}], "categories": [{"id": 1}],
     ...       "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4]}]}
@@ -454,19 +459,34 @@ def coco_map(gt: Any, detections: list[dict]) -> dict[str, float | int]:
     from pycocotools.cocoeval import COCOeval
 
     coco_gt = _coco(gt, COCO)
-    dets = _coco_detections(detections, set(coco_gt.getImgIds()))
+    evaluated = _evaluated_images(image_ids, coco_gt.getImgIds())
+    dets = _coco_detections(detections, set(evaluated))
     out: dict[str, float | int] = {"map": 0.0, "map50": 0.0, "map75": 0.0,
-                                   "n_images": len(coco_gt.getImgIds()),
+                                   "n_images": len(evaluated),
                                    "n_detections": len(dets)}
     if not dets:
         return out
     with contextlib.redirect_stdout(io.StringIO()):
         ev = COCOeval(coco_gt, coco_gt.loadRes(dets), iouType="bbox")
+        ev.params.imgIds = evaluated
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
     out.update(map=float(ev.stats[0]), map50=float(ev.stats[1]), map75=float(ev.stats[2]))
     return out
+
+
+def _evaluated_images(image_ids: Any, gt_ids: list) -> list:
+    """The sorted image ids to evaluate: ``image_ids`` (each an image of the ground truth), or all."""
+    if image_ids is None:
+        return sorted(gt_ids)
+    known = set(gt_ids)
+    ids = sorted({int(i) for i in (image_ids.tolist() if hasattr(image_ids, "tolist") else image_ids)})
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise DataError(f"image_ids: expected image ids of the ground truth, found {len(unknown)} others "
+                        f"(first {unknown[:5]})")
+    return ids
 
 
 def _coco(gt: Any, COCO: type) -> Any:
@@ -505,7 +525,7 @@ def _coco_detections(detections: Any, image_ids: set) -> list[dict]:
                             f"bbox, score; found {found}")
         if d["image_id"] not in image_ids:
             raise DataError(f"detections[{i}].image_id: expected an image id of the ground "
-                            f"truth, found {d['image_id']!r}")
+                            f"truth (of the images evaluated), found {d['image_id']!r}")
         if len(d["bbox"]) != 4:
             raise DataError(f"detections[{i}].bbox: expected [x, y, w, h], found {d['bbox']!r}")
         out.append({"image_id": d["image_id"], "category_id": d["category_id"],

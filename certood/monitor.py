@@ -144,6 +144,36 @@ def load_dataset(source, name: str) -> CocoDataset:
     return CocoDataset.load(annotations, images, max_images=source.max_images, name=name)
 
 
+CALIBRATION_SETS = ("calibration", "fit", "ood_validation/")  # the names (prefixes) calibrate reads
+
+
+def spec_datasets(spec: Spec, calibration: bool = True, test: bool = False) -> dict[str, CocoDataset]:
+    """Every data set a run reads, loaded and checked up front, before the detector runs, so
+    that a broken annotation file of an OOD set fails the run at once and not after
+    calibration (images are still read lazily). ``calibration``: the sets calibrate reads
+    (``calibration``, ``fit``, the ``ood_validation/<name>`` thresholds are set on);
+    ``test``: those check reads (``id_test``, ``ood/<name>``). A set listing no usable image
+    raises DataError naming it and its file."""
+    sources = []
+    if calibration:
+        sources.append(("calibration", spec.data.calibration))
+        if spec.data.fit is not None:
+            sources.append(("fit", spec.data.fit))
+        if spec.threshold.method == "fpr":
+            sources.append((f"ood_validation/{spec.threshold.on}", spec.data.ood_validation[spec.threshold.on]))
+    if test:
+        sources += ([("id_test", spec.data.id_test)] if spec.data.id_test else []) + \
+                   [(f"ood/{name}", src) for name, src in spec.data.ood.items()]
+    datasets = {}
+    for name, source in sources:
+        dataset = load_dataset(source, name)
+        if not dataset.records:
+            why = f" ({len(dataset.issues)} issue(s), first: {dataset.issues[0]})" if dataset.issues else ""
+            raise DataError(f"{dataset.source}: lists no usable image{why}")
+        datasets[name] = dataset
+    return datasets
+
+
 def id_label_map(dataset: CocoDataset, num_classes: int) -> list[int]:
     """Detector labels 1..C-1 map to the ID dataset's category ids in increasing order."""
     ids = dataset.category_ids
@@ -210,7 +240,7 @@ def detector_threshold(spec: Spec, cal: DatasetDetections, cal_set: CocoDataset,
     n_gt = count_known_gt(cal_set, label_to_category)
     is_tp = match_dataset(cal, cal_set, label_to_category, same_class=True).bool()
     if len(cal) == 0 or not bool(is_tp.any()):
-        raise DataError(f"calibration set: the detector found no true positive among {len(cal)} "
+        raise DataError(f"{cal_set.source}: the detector found no true positive among {len(cal)} "
                         f"boxes on {cal.n_images} images; cannot set a detector threshold")
     return f1_optimal_threshold(cal.det_scores.numpy(), is_tp.numpy(), n_gt)
 
@@ -225,11 +255,15 @@ def detector_extras(score: Score, detector) -> dict:
     return extras
 
 
-def calibrate(spec: Spec, detector: Detector, num_classes: int,
-              progress: ProgressFactory | None = None) -> tuple[Monitor, dict[str, DatasetDetections]]:
-    """Fit every score and threshold of ``spec``; also returns the extracted detections."""
+def calibrate(spec: Spec, detector: Detector, num_classes: int, progress: ProgressFactory | None = None,
+              datasets: dict[str, CocoDataset] | None = None) -> tuple[Monitor, dict[str, DatasetDetections]]:
+    """Fit every score and threshold of ``spec``; also returns the extracted detections.
+    ``datasets``: those of :func:`spec_datasets` when already loaded (else loaded here, all
+    before the first image is read). The monitor's ``calibration_issues`` are the data issues
+    of every set read here, each prefixed with the set's name."""
     taps = {spec.taps[s.tap] for s in spec.scores.values()}
-    cal_set = load_dataset(spec.data.calibration, "calibration")
+    datasets = datasets if datasets is not None else spec_datasets(spec)
+    cal_set = datasets["calibration"]
     label_to_category = id_label_map(cal_set, num_classes)
     fixed = spec.threshold.detector_score if spec.threshold.detector_score != "f1" else None  # else: set on cal
     cal = extract_detections(detector, cal_set, taps, progress=progress,
@@ -238,7 +272,7 @@ def calibrate(spec: Spec, detector: Detector, num_classes: int,
     cal = cal.select(cal.det_scores >= det_threshold)
 
     if spec.data.fit is not None:
-        fit_set = load_dataset(spec.data.fit, "fit")
+        fit_set = datasets["fit"]
         fit = extract_detections(detector, fit_set, taps, progress=progress, min_score=det_threshold)
         fit = fit.select(fit.det_scores >= det_threshold)
     else:
@@ -247,7 +281,7 @@ def calibrate(spec: Spec, detector: Detector, num_classes: int,
     fit = fit.select(fit_labels >= 0)
     fit_labels = fit_labels[fit_labels >= 0] - 1  # contiguous 0..C-2 for class-conditional scores
     if len(fit) == 0:
-        raise DataError("fit set: no detection overlaps a ground-truth object; cannot fit scores")
+        raise DataError(f"{fit_set.source}: no detection overlaps a ground-truth object; cannot fit scores")
 
     scores = {}
     for name, s in spec.scores.items():  # fusions after the scores they combine
@@ -264,7 +298,7 @@ def calibrate(spec: Spec, detector: Detector, num_classes: int,
             scores[name] = fusion.fit(fusion_reference(spec, name, fusion, scores, fit, fit_labels, detector))
     scores = {name: scores[name] for name in spec.scores}
     cal_values = score_values(spec, scores, cal)
-    set_on = set_thresholds(spec, detector, scores, cal, cal_values, det_threshold, taps, progress)
+    set_on = set_thresholds(spec, detector, scores, cal, cal_values, det_threshold, taps, progress, datasets)
     thresholds = compute_thresholds(spec.threshold, set_on[0], set_on[1], len(label_to_category) + 1,
                                     MIN_CLASS_BOXES, spec.threshold.on or "calibration")
     monitor = Monitor(
@@ -272,7 +306,9 @@ def calibrate(spec: Spec, detector: Detector, num_classes: int,
         label_to_category=label_to_category, detector_sha256=detector.weights_sha256,
         calibration={"calibration_boxes": len(cal), "calibration_images": cal.n_images,
                      "fit_boxes": len(fit), "fit_images": fit.n_images,
-                     "calibration_issues": list(cal_set.issues), "threshold": thresholds.record},
+                     "calibration_issues": [m for name, ds in datasets.items() if name.startswith(CALIBRATION_SETS)
+                                            for m in ds.named_issues()],
+                     "threshold": thresholds.record},
         class_thresholds=thresholds.per_class)
     if spec.temporal is not None:  # track thresholds, on the calibration videos
         from certood.temporal import calibrate_temporal
@@ -284,13 +320,16 @@ def calibrate(spec: Spec, detector: Detector, num_classes: int,
 
 def set_thresholds(spec: Spec, detector: Detector, scores: dict[str, Score], cal: DatasetDetections,
                    cal_values: dict[str, torch.Tensor], det_threshold: float, taps: set[str],
-                   progress: ProgressFactory | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                   progress: ProgressFactory | None,
+                   datasets: dict[str, CocoDataset] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The scores and predicted labels of the boxes thresholds are set on: the calibration ID
-    boxes, or for ``threshold: {fpr, on}`` the monitored boxes of that OOD validation set."""
+    boxes, or for ``threshold: {fpr, on}`` the monitored boxes of that OOD validation set
+    (from ``datasets`` when loaded there)."""
     if spec.threshold.method != "fpr":
         return cal_values, cal.labels
-    name = spec.threshold.on
-    dataset = load_dataset(spec.data.ood_validation[name], f"ood_validation/{name}")
+    name = f"ood_validation/{spec.threshold.on}"
+    dataset = datasets[name] if datasets and name in datasets else \
+        load_dataset(spec.data.ood_validation[spec.threshold.on], name)
     dets = extract_detections(detector, dataset, taps, progress=progress, min_score=det_threshold)
     dets = dets.select(dets.det_scores >= det_threshold)
     return score_values(spec, scores, dets), dets.labels

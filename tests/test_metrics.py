@@ -350,3 +350,33 @@ def test_coco_map_empty_and_bad_input():
 
 def test_docstring_examples():
     assert doctest.testmod(M).failed == 0
+
+
+def _cocoeval_stats(gt: dict, dets: list[dict]) -> tuple[float, float, float]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = copy.deepcopy(gt)
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(copy.deepcopy(dets)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return tuple(float(v) for v in ev.stats[:3])
+
+
+def test_coco_map_over_some_images_equals_cocoeval_on_the_reduced_set():
+    # an image that could not be read leaves the evaluation: its ground truth is not a miss
+    gt, dets = coco_case(2, n_images=8)
+    read = [1, 2, 4, 5, 7, 8]
+    m = M.coco_map(gt, [d for d in dets if d["image_id"] in read], image_ids=read)
+    reduced = {**gt, "images": [im for im in gt["images"] if im["id"] in read],
+               "annotations": [a for a in gt["annotations"] if a["image_id"] in read]}
+    expected = _cocoeval_stats(reduced, [d for d in dets if d["image_id"] in read])
+    assert (m["map"], m["map50"], m["map75"]) == pytest.approx(expected, abs=1e-12)
+    assert m["n_images"] == 6
+    everything = M.coco_map(gt, [d for d in dets if d["image_id"] in read])  # the old, wrong way
+    assert everything["map50"] < m["map50"]  # the unread images' objects counted as misses
+    with pytest.raises(CertoodError, match="image_ids: expected image ids of the ground truth"):
+        M.coco_map(gt, dets, image_ids=[1, 99])
+    with pytest.raises(CertoodError, match="of the images evaluated"):  # a detection on an unread image
+        M.coco_map(gt, dets, image_ids=read)
