@@ -43,11 +43,12 @@ import torch
 
 from certood import plots, report
 from certood.artifacts import (
-    atomic_write_bytes, atomic_write_json, atomic_write_text, load_monitor, read_manifest, save_monitor, versions,
+    atomic_write_bytes, atomic_write_json, atomic_write_text, check_manifest_fits, die_here_for_tests, load_monitor,
+    read_manifest, save_monitor, stage_results, versions, write_results_marker,
 )
 from certood.certify import certify_detections, certify_head, certify_metrics
 from certood.recheck import FEATURES_FILE, certify_features_blob
-from certood.errors import CertoodError
+from certood.errors import CertoodError, UsageError
 from certood.extract import DatasetDetections, ProgressFactory, extract_detections
 from certood.metrics import GT_MATCH, coco_map, gt_matched_metrics, ood_metrics
 from certood.monitor import CALIBRATION_SETS, Monitor, calibrate, gt_match_dataset, match_dataset, spec_datasets
@@ -162,18 +163,59 @@ def _rule_rates(flags_id: torch.Tensor, flags_ood: torch.Tensor) -> dict:
 def run_check(spec: Spec, out_dir: Path, monitor_dir: Path | None = None,
               progress: ProgressFactory | None = None, save_features: bool = False) -> CheckResult:
     """Calibrate (or load) the monitor, score every dataset of the spec, write the outputs
-    (with ``save_features``, also features.safetensors: see the module docstring)."""
+    (with ``save_features``, also features.safetensors: see the module docstring).
+
+    The outputs replace ``out_dir`` whole: built in a staging directory beside it, closed by
+    certood-results.json, swapped in at the end (certood.artifacts), so a failed or killed run
+    leaves the previous complete results. An ``out_dir`` that is not empty and holds files
+    certood did not write is refused (UsageError) before any work; a monitor given from
+    ``out_dir/monitor`` is carried into the new results.
+    """
     out_dir = Path(out_dir)
+    if not spec.data.id_test and not spec.data.ood:
+        raise UsageError(f"{spec.path or 'the spec'}: names no data.id_test or data.ood set: nothing to check")
+    if monitor_dir is not None:  # fail fast, before the output is touched and the detector loads
+        check_manifest_fits(monitor_dir, read_manifest(monitor_dir), spec)
+    with stage_results(out_dir) as staged:
+        die_here_for_tests("staged")
+        try:
+            result = _check_into(spec, staged.path, monitor_dir, progress, save_features)
+            _carry_monitor(monitor_dir, out_dir, staged.path)
+            write_results_marker(staged.path, spec_fingerprint=spec.fingerprint(),
+                                 detector_sha256=result.metrics["detector_sha256"])
+            die_here_for_tests("written")
+            staged.commit()
+        except OSError as e:
+            if not str(e.filename or "").startswith(str(staged.path)):
+                raise
+            raise CertoodError(f"{out_dir}: cannot write the results ({e.strerror or e}); "
+                               "the previous results, if any, are unchanged") from None
+    return CheckResult(out_dir, result.metrics, result.n_boxes)
+
+
+def _carry_monitor(monitor_dir: Path | None, out_dir: Path, staging: Path) -> None:
+    """A run reusing ``out_dir/monitor`` keeps it: the new results replace ``out_dir`` whole."""
+    import shutil
+
+    if monitor_dir is not None and Path(monitor_dir).resolve() == (out_dir / "monitor").resolve():
+        shutil.copytree(monitor_dir, staging / "monitor")
+
+
+def _check_into(spec: Spec, out_dir: Path, monitor_dir: Path | None, progress: ProgressFactory | None,
+                save_features: bool) -> CheckResult:
+    """run_check's work, every output written into ``out_dir`` (the staging directory)."""
     if monitor_dir is not None:
         read_manifest(monitor_dir)  # fail fast, before the detector loads
     # every annotation file the run reads, checked before the detector loads (images: lazily)
     datasets = spec_datasets(spec, calibration=monitor_dir is None, test=True)
     detector = load_spec_detector(spec)
     if monitor_dir is not None:
-        monitor = load_monitor(monitor_dir, spec, detector.weights_sha256, detector.foreground_head())
+        monitor = load_monitor(monitor_dir, spec, detector.weights_sha256, detector.foreground_head(),
+                               num_classes=detector.num_classes)
     else:
         monitor, _ = calibrate(spec, detector, detector.num_classes, progress=progress, datasets=datasets)
         save_monitor(monitor, out_dir / "monitor")
+        die_here_for_tests("calibrated")
 
     sources = ([("id_test", spec.data.id_test)] if spec.data.id_test else []) + \
               [(f"ood/{name}", src) for name, src in spec.data.ood.items()]
@@ -284,6 +326,4 @@ def run_check(spec: Spec, out_dir: Path, monitor_dir: Path | None = None,
     atomic_write_json(out_dir / "metrics.json", metrics)
     atomic_write_text(out_dir / "summary.txt", report.summary_text(metrics))
     atomic_write_text(out_dir / "report.md", report.report_markdown(metrics))
-    if not lines and not per_set:
-        raise CertoodError("the spec names no id_test or ood data set: nothing to check")
     return CheckResult(out_dir, metrics, len(lines))

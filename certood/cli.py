@@ -6,6 +6,7 @@ Machine formats print only their payload on stdout; logs and progress go to stde
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -40,7 +41,17 @@ def _fail(err: Exception, debug: bool) -> None:
     sys.exit(EXIT_RUNTIME)
 
 
+def _terminated(signum, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C, so staged outputs are removed and the old ones stay."""
+    click.echo("terminated", err=True)
+    sys.exit(128 + signum)
+
+
 def _run(fn, debug: bool):
+    try:
+        signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread (an embedding host): keep its handler
+        pass
     try:
         return fn()
     except SystemExit:
@@ -96,18 +107,24 @@ def schema() -> None:
               help="Monitor directory to write (default: <output.dir>/monitor).")
 @click.pass_context
 def calibrate(ctx: click.Context, spec_path: Path, out: Path | None) -> None:
-    """Fit scores and thresholds on the spec's ID data; write a monitor artifact."""
+    """Fit scores and thresholds on the spec's ID data; write a monitor artifact.
+
+    \b
+    The monitor directory is replaced whole, and only if it is missing, empty or a monitor
+    certood wrote (anything else: exit 2, untouched); missing parents are created.
+    """
     def work():
-        from certood.artifacts import save_monitor
+        from certood.artifacts import save_monitor, stage_monitor
         from certood.check import load_spec_detector
         from certood.monitor import calibrate as calibrate_monitor
         from certood.spec import load_spec
 
         spec = load_spec(spec_path)
         target = out or _default_out(spec) / "monitor"
-        detector = load_spec_detector(spec)
-        monitor, _ = calibrate_monitor(spec, detector, detector.num_classes, progress=_progress)
-        save_monitor(monitor, target)
+        with stage_monitor(target) as staged:  # refuse or fail on the location before any work
+            detector = load_spec_detector(spec)
+            monitor, _ = calibrate_monitor(spec, detector, detector.num_classes, progress=_progress)
+            save_monitor(monitor, target, staged)
         click.echo(f"monitor written to {target}; thresholds at {spec.threshold.describe()}", err=True)
         fallbacks = [c for c, r in monitor.calibration.get("threshold", {}).get("classes", {}).items() if r["fallback"]]
         for name, t in monitor.thresholds.items():
@@ -132,7 +149,9 @@ def _default_out(spec) -> Path:
 @click.option("--monitor", "monitor_dir", type=click.Path(path_type=Path), default=None,
               help="A calibrated monitor directory (default: calibrate first).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Output directory (default: output.dir of the spec).")
+              help="Output directory (default: output.dir of the spec). Replaced whole when the run "
+                   "ends (a failed or killed run leaves the old results); refused if it holds files "
+                   "certood did not write.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @click.option("--save-features", is_flag=True,
               help="Also write features.safetensors: every monitored box's tapped features and logits "
@@ -162,21 +181,31 @@ def check(ctx: click.Context, spec_path: Path, monitor_dir: Path | None, out: Pa
 @click.argument("results_dir", metavar="RESULTS_DIR", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @click.option("--allow-unconfirmed", is_flag=True,
-              help="Exit 0 when no certificate is contradicted, even if some could not be re-proven "
-                   "(the float64 IBP/CROWN re-check is looser than alpha-CROWN); they are still listed.")
+              help="Also pass certificates of a method tighter than the recheck's CROWN (alpha-CROWN) "
+                   "that it cannot re-prove, if they survive its own attack; they are still listed.")
+@click.option("--from-images", is_flag=True,
+              help="Re-run the detector on every image with a certified box and compare each box's "
+                   "feature with the stored one before re-proving.")
 @click.pass_context
-def recheck(ctx: click.Context, results_dir: Path, fmt: str, allow_unconfirmed: bool) -> None:
-    """Re-verify a check's certificates in float64 (own IBP, then CROWN; no auto_LiRPA).
+def recheck(ctx: click.Context, results_dir: Path, fmt: str, allow_unconfirmed: bool, from_images: bool) -> None:
+    """Re-prove a check's certificates in float64 (own IBP and CROWN; no auto_LiRPA), against
+    the detector's weights and the monitor they were made for.
 
     \b
     Exit codes: 0 every certificate re-verified, 1 a disagreement (a certificate
-    contradicted, or not re-proven unless --allow-unconfirmed), 2 usage error,
-    3 missing or unreadable results.
+    contradicted, not re-proven unless --allow-unconfirmed, or results that do not
+    match the detector or the monitor), 2 usage error, 3 missing or unreadable
+    results, monitor or detector.
     """
     def work() -> int:
+        from certood.artifacts import results_incomplete
+        from certood.errors import ArtifactError
         from certood.recheck import recheck as run_recheck, render_text
 
-        report = run_recheck(results_dir)
+        why = results_incomplete(results_dir)  # a killed or older run: refuse, do not re-verify a mix
+        if why:
+            raise ArtifactError(why)
+        report = run_recheck(results_dir, allow_unconfirmed=allow_unconfirmed, from_images=from_images)
         if fmt == "json":
             click.echo(json.dumps(report.to_json(), indent=2))
         else:

@@ -184,11 +184,16 @@ class GateReport:
 
 # --- reading results -----------------------------------------------------------------------
 def read_metrics(results_dir: Path) -> tuple[dict | None, str | None]:
-    """(metrics.json of a ``certood check`` output directory, None) or (None, why not)."""
+    """(metrics.json of a complete ``certood check`` output directory, None) or (None, why not)."""
+    from certood.artifacts import results_file_changed, results_incomplete
+
     results_dir = Path(results_dir)
     path = results_dir / "metrics.json"
-    if not results_dir.is_dir():
-        return None, f"{results_dir}: no such results directory (write one with `certood check SPEC --out DIR`)"
+    # only a complete run is judged: certood-results.json is written last and lists metrics.json's
+    # sha256, so an interrupted run, an older certood's mix or an edited metrics.json is refused
+    why = results_incomplete(results_dir) or results_file_changed(results_dir, "metrics.json")
+    if why:
+        return None, why
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

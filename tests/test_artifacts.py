@@ -15,7 +15,7 @@ from certood.artifacts import (
     atomic_write_bytes, atomic_write_json, atomic_write_text, load_monitor, read_manifest, save_monitor,
 )
 from certood.check import load_spec_detector
-from certood.errors import ArtifactError
+from certood.errors import ArtifactError, CertoodError, UsageError
 from certood.monitor import calibrate
 from certood.scores import build_score
 
@@ -142,14 +142,161 @@ def test_a_failed_resave_leaves_the_old_monitor_loadable_as_it_was(calibrated, s
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", fail_on_manifest)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CertoodError, match="disk full") as err:
         save_monitor(other, saved)
+    assert str(saved) in str(err.value)
     monkeypatch.undo()
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["monitor"]  # no staging left behind
     try:
         loaded = load_monitor(saved, spec, detector.weights_sha256)
     except ArtifactError:
         return  # refusing the mixture is fine too
     assert torch.equal(loaded.score_boxes(cal)["maha"], monitor.score_boxes(cal)["maha"])
+
+
+# ------------------------------------------------------------- what save_monitor may replace
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("existing", ["file", "project", "monitor plus notes", "symlink"])
+def test_save_monitor_refuses_what_is_not_a_monitor_and_leaves_it(calibrated, tmp_path, existing):
+    _, _, monitor, _ = calibrated
+    target = tmp_path / "target"
+    if existing == "file":
+        target.write_text("precious\n")
+    elif existing == "project":  # `-o ~/project` once wiped a project
+        (target / "src").mkdir(parents=True)
+        (target / "src" / "main.py").write_text("print('hi')\n")
+        (target / "manifest.json").write_text('{"format": "something-else"}')
+    elif existing == "monitor plus notes":
+        save_monitor(monitor, target)
+        (target / "notes.txt").write_text("mine\n")
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        target.symlink_to(tmp_path / "elsewhere")
+    before = _tree(tmp_path)
+    with pytest.raises(UsageError) as err:
+        save_monitor(monitor, target)
+    assert str(target) in str(err.value)
+    assert _tree(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["target"] + (["elsewhere"] if existing == "symlink" else []))
+
+
+def test_save_monitor_fills_an_empty_directory_and_replaces_its_own_monitor(calibrated, tmp_path):
+    spec, detector, monitor, _ = calibrated
+    target = tmp_path / "empty"
+    target.mkdir()
+    save_monitor(monitor, target)
+    first = read_manifest(target)["created"]
+    save_monitor(monitor, target)  # a monitor certood wrote: replaced whole
+    assert sorted(p.name for p in target.iterdir()) == ["manifest.json", "scores.safetensors"]
+    assert read_manifest(target)["created"] >= first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    load_monitor(target, spec, detector.weights_sha256)
+
+
+def test_a_rerun_removes_the_staging_leftovers_of_killed_runs_and_nothing_else(calibrated, tmp_path):
+    _, _, monitor, _ = calibrated
+    target = tmp_path / "monitor"
+    dead = tmp_path / ".monitor.certood-staging.abc123"  # a killed run: marker, pid gone
+    dead.mkdir()
+    (dead / artifacts.STAGING_MARKER).write_text(json.dumps(
+        {"format": "certood-staging", "pid": 2 ** 22 + 12345, "host": __import__("socket").gethostname()}))
+    (dead / "scores.safetensors").write_bytes(b"half")
+    alive = tmp_path / ".monitor.certood-staging.def456"  # a concurrent run (this process): kept
+    alive.mkdir()
+    (alive / artifacts.STAGING_MARKER).write_text(json.dumps(
+        {"format": "certood-staging", "pid": os.getppid(), "host": __import__("socket").gethostname()}))
+    lookalike = tmp_path / ".monitor.certood-staging.user"  # the name, but no marker: not ours
+    lookalike.mkdir()
+    (lookalike / "keep.txt").write_text("x")
+    legacy = tmp_path / ".monitor.old.k3j4h5g6"  # what certood before markers left: a monitor inside
+    save_monitor(monitor, legacy / "monitor")
+    user_backup = tmp_path / ".monitor.backup"  # a user's copy of a monitor: not a certood name
+    save_monitor(monitor, user_backup)
+    save_monitor(monitor, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["monitor", alive.name, lookalike.name, user_backup.name])
+    assert (lookalike / "keep.txt").read_text() == "x"
+
+
+def test_outputs_honour_the_umask(calibrated, tmp_path):
+    _, _, monitor, _ = calibrated
+    old = os.umask(0o027)
+    try:
+        save_monitor(monitor, tmp_path / "m027")
+        atomic_write_text(tmp_path / "f027.txt", "x")
+        os.umask(0o022)
+        save_monitor(monitor, tmp_path / "m022")
+        atomic_write_text(tmp_path / "f022.txt", "x")
+    finally:
+        os.umask(old)
+
+    def mode(p):
+        return oct(p.stat().st_mode & 0o777)
+
+    assert [mode(tmp_path / "m027"), mode(tmp_path / "m027" / "manifest.json"), mode(tmp_path / "f027.txt")] == \
+        ["0o750", "0o640", "0o640"]
+    assert [mode(tmp_path / "m022"), mode(tmp_path / "m022" / "scores.safetensors"), mode(tmp_path / "f022.txt")] == \
+        ["0o755", "0o644", "0o644"]
+
+
+def test_missing_parents_of_an_output_are_created(calibrated, tmp_path):
+    _, _, monitor, _ = calibrated
+    save_monitor(monitor, tmp_path / "a" / "b" / "monitor")
+    assert read_manifest(tmp_path / "a" / "b" / "monitor")["format"] == "certood-monitor"
+
+
+# --------------------------------------------------------- manifest values, validated on load
+def _edit(manifest: dict, change: str) -> None:
+    if change == "threshold text":
+        manifest["thresholds"]["energy"] = "abc"
+    elif change == "threshold list":
+        manifest["thresholds"]["energy"] = [1.0]
+    elif change == "thresholds list":
+        manifest["thresholds"] = [1.0, 2.0]
+    elif change == "threshold missing":
+        del manifest["thresholds"]["maha"]
+    elif change == "threshold extra":
+        manifest["thresholds"]["gone"] = 1.0
+    elif change == "detector text":
+        manifest["detector_threshold"] = "high"
+    elif change == "detector nan":
+        manifest["detector_threshold"] = float("nan")
+    elif change == "labels short":
+        manifest["label_to_category"] = manifest["label_to_category"][:-1]
+    elif change == "labels text":
+        manifest["label_to_category"] = ["a"] * len(manifest["label_to_category"])
+    elif change == "class table":
+        manifest["class_thresholds"] = {"energy": [0.0, 1.0]}
+    elif change == "scores list":
+        manifest["scores"] = []
+
+
+@pytest.mark.parametrize("change, key", [
+    ("threshold text", "thresholds.energy: expected a finite number, found \"abc\""),
+    ("threshold list", "thresholds.energy: expected a finite number, found [1.0]"),
+    ("thresholds list", "thresholds: expected an object of score name -> number"),
+    ("threshold missing", "thresholds: missing maha (one per score of the spec)"),
+    ("threshold extra", "thresholds: gone not a score of this spec"),
+    ("detector text", "detector_threshold: expected a finite number, found \"high\""),
+    ("detector nan", "detector_threshold: expected a finite number, found nan"),
+    ("labels short", "label_to_category: expected 5 category ids (the detector has 6 classes with "
+                     "background), found 4"),
+    ("labels text", "label_to_category: expected a non-empty list of category ids (integers)"),
+    ("class table", "class_thresholds.energy: expected 6 values (background and each label), found 2"),
+    ("scores list", "scores: expected an object of score name -> object"),
+])
+def test_a_damaged_manifest_value_is_refused_naming_file_and_key(calibrated, saved, change, key):
+    spec, detector, _, _ = calibrated
+    path = saved / "manifest.json"
+    manifest = json.loads(path.read_text())
+    _edit(manifest, change)
+    path.write_text(json.dumps(manifest))  # json writes NaN as NaN, and reads it back
+    with pytest.raises(ArtifactError) as err:
+        load_monitor(saved, spec, detector.weights_sha256)
+    assert str(err.value).startswith(f"{path}: ") and key in str(err.value), str(err.value)
 
 
 # ----------------------------------------------------------------------------- atomic writes

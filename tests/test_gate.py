@@ -72,10 +72,16 @@ def fake_metrics(spec: Path, sha: str = SHA, near_energy_auroc: float = 0.912, f
     }
 
 
-def write_results(directory: Path, metrics: dict | str) -> Path:
+def write_results(directory: Path, metrics: dict | str, complete: bool = True) -> Path:
+    """A results directory with this metrics.json, closed by certood-results.json as run_check
+    closes one (``complete=False``: as a killed run or an older certood left it)."""
+    from certood.artifacts import write_results_marker
+
     directory.mkdir(parents=True, exist_ok=True)
     text = metrics if isinstance(metrics, str) else json.dumps(metrics, indent=2)
     (directory / "metrics.json").write_text(text)
+    if complete:
+        write_results_marker(directory, spec_fingerprint="test", detector_sha256="test")
     return directory
 
 
@@ -159,6 +165,26 @@ def test_missing_results_directory_still_reports_every_policy(tmp_path, spec):
     assert err == f"error: results: {why}\nJUnit XML written to <tmp>/gate.xml\n"
     suite = ET.parse(junit).getroot().find("testsuite")
     assert (suite.get("tests"), suite.get("errors"), suite.get("failures")) == ("3", "3", "0")
+
+
+def test_an_incomplete_results_directory_is_error_not_judged(tmp_path, spec):
+    # an interrupted run (or an older certood) left metrics.json without certood-results.json
+    results = write_results(tmp_path / "run", fake_metrics(spec), complete=False)
+    code, out, err = run(tmp_path, spec, "--results", results)
+    why = ("<tmp>/run: no certood-results.json: not a complete `certood check` output (an interrupted "
+           "run, or one from an older certood); rerun `certood check SPEC --out DIR`")
+    assert code == 3 and out.count("ERROR    ") == 3 and "PASS" not in out
+    assert err == f"error: results: {why}\n"
+
+
+def test_a_metrics_json_changed_after_the_check_is_error(tmp_path, spec):
+    # e.g. a stale metrics.json copied over a newer run's: its sha256 is not the one recorded
+    results = write_results(tmp_path / "run", fake_metrics(spec))
+    (results / "metrics.json").write_text(json.dumps(fake_metrics(spec, near_energy_auroc=0.99)))
+    code, out, err = run(tmp_path, spec, "--results", results)
+    assert code == 3 and out.count("ERROR    ") == 3
+    assert err == ("error: results: <tmp>/run/metrics.json: not the file this check wrote (sha256 differs "
+                   "from certood-results.json): stale or edited; rerun `certood check`\n")
 
 
 @pytest.mark.parametrize("content,why", [

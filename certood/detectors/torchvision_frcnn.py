@@ -33,7 +33,7 @@ from torchvision.models.detection.rpn import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops
 
 from certood.detectors.base import Detections, file_sha256
-from certood.errors import CertoodError
+from certood.errors import CertoodError, DataError
 from certood.scores.jitter_kl import JITTERS
 from certood.spec.v1 import ARCHS, BUILTIN_WEIGHTS as SPEC_BUILTIN_WEIGHTS
 
@@ -119,6 +119,11 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = state["model"]
     if not isinstance(state, dict):
         raise CertoodError(f"{path}: expected a state dict, found {type(state).__name__}")
+    # weights_only=True also lets ints, lists and nested dicts through: a state dict is tensors
+    bad = next(((k, v) for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None)
+    if bad is not None:
+        raise DataError(f"{path}: key {bad[0]!r}: expected a tensor, found {type(bad[1]).__name__} "
+                        "(a state dict maps parameter names to tensors)")
     return state
 
 
