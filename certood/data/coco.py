@@ -349,8 +349,10 @@ def read_image(path: Path) -> torch.Tensor | str:
                 arr = image_to_rgb(img)
     except _UnfaithfulPixels as e:
         return f"{path}: {img.mode} image: {e}; skipped"
+    except UnidentifiedImageError:  # PIL's own message names the in-memory buffer, not the file
+        return f"{path}: unreadable image (UnidentifiedImageError: not an image format PIL can identify); skipped"
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return f"{path}: image over PIL's decompression-bomb limit ({e}); skipped"
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
         return f"{path}: unreadable image ({type(e).__name__}: {e}); skipped"
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
