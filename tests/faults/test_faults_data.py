@@ -308,3 +308,18 @@ def test_a_split_with_no_readable_image_is_a_data_error_naming_the_set_and_its_f
     result, text = run_cli("check", str(spec_file(root, cocos)), "--out", str(tmp_path / "out"))
     _exit_3(result, text, f"ood/near ({root / 'near.json'}): none of its 6 images could be read",
             f"first: {root / 'near' / cocos['near']['images'][0]['file_name']}: unreadable image")
+
+
+def test_issues_of_the_ood_validation_set_reach_the_monitor_and_the_results(dataset_files, tmp_path):
+    """Thresholds at an FPR on an OOD validation set: its bad image is reported (it was not)."""
+    root, cocos = clone(dataset_files, tmp_path)
+    bad = root / "near" / cocos["near"]["images"][2]["file_name"]
+    bad.write_text("not an image")
+    spec = spec_file(root, cocos)
+    text = spec.read_text().replace("  ood:\n    near:", "  ood_validation:\n    near:")
+    spec.write_text(text.replace("threshold: {tpr: 0.95, detector_score: f1}",
+                                 "threshold: {fpr: 0.1, on: near, detector_score: f1}"))
+    result, out = run_cli("calibrate", str(spec), "-o", str(tmp_path / "monitor"))
+    assert result.exit_code == 0, out
+    issues = json.loads((tmp_path / "monitor" / "manifest.json").read_text())["calibration"]["calibration_issues"]
+    assert [m for m in issues if m.startswith(f"ood_validation/near: {bad}: unreadable image")], issues
