@@ -70,7 +70,7 @@ def _batches(items: Iterable, size: int):
 
 
 def extract_detections(detector: Detector, dataset: CocoDataset, points: Iterable[str],
-                       batch_size: int = 8, progress: ProgressFactory | None = None,
+                       batch_size: int | None = None, progress: ProgressFactory | None = None,
                        min_score: float | None = None) -> DatasetDetections:
     """Detect on every readable image of ``dataset`` keeping the features at ``points``.
 
@@ -94,6 +94,9 @@ def extract_detections(detector: Detector, dataset: CocoDataset, points: Iterabl
     seconds = 0.0
     optional = [p for p in points if p in getattr(detector, "optional_tap_points", ())]
     optional_start = getattr(detector, "optional_seconds", 0.0)
+    # images per detector call: the detector's own (spec detector.batch_size, or its default
+    # from the input size and memory: certood.detectors), else 8
+    batch_size = batch_size or getattr(detector, "batch_size", None) or 8
     for batch in _batches(images, batch_size):
         start = time.perf_counter()
         if optional:  # tap points the detector computes only on request

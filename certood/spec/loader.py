@@ -471,7 +471,7 @@ def _build(norm: dict, raw: dict, rule: Rule, base: Path, warnings: tuple) -> Sp
         detector = DetectorSpec(
             kind=det["kind"], arch=det["arch"], weights=weights, num_classes=det.get("num_classes"),
             min_size=det.get("min_size"), max_size=det.get("max_size"),
-            score_thresh=det["score_thresh"], device=det["device"],
+            score_thresh=det["score_thresh"], device=det["device"], batch_size=det.get("batch_size"),
         )
 
     def source(d: dict | None) -> DataSource | None:
@@ -486,6 +486,7 @@ def _build(norm: dict, raw: dict, rule: Rule, base: Path, warnings: tuple) -> Sp
         version=norm["version"],
         detector=detector,
         data=DataSpec(fit=source(data.get("fit")), calibration=source(data["calibration"]),
+            activation=det["activation"], preprocess=det["preprocess"], batch_size=det["batch_size"],
                       id_test=source(data.get("id_test")),
                       ood={k: source(v) for k, v in (data.get("ood") or {}).items()},
                       ood_validation={k: source(v) for k, v in (data.get("ood_validation") or {}).items()}),

@@ -47,6 +47,9 @@ class DetectorSpec:
     outputs: dict = field(default_factory=dict)
     nms_thresh: float = 0.5
     max_detections: int = 100
+    activation: str = "softmax"  # detr layout: softmax or sigmoid class head
+    preprocess: str = "resize"  # fixed-size graphs: resize or letterbox
+    batch_size: int | None = None  # images per detector call (None: the adapter's default)
 
 
 @dataclass(frozen=True)

@@ -278,14 +278,18 @@ TORCHVISION_DETECTOR = Record({
         required=True, description="builtin weights or a path relative to the spec file",
     ),
     "num_classes": Field(Int(min=2, max=100_000), description="number of classes, background included"),
-    "min_size": Field(Int(min=1, max=100_000), description="shorter image side after resizing"),
-    "max_size": Field(Int(min=1, max=100_000), description="longest image side after resizing"),
+    "min_size": Field(Int(min=1, max=100_000), description="shorter image side after resizing (default: "
+                      "800; digits_fasterrcnn 128; ssdlite320 takes none: it resizes to 320x320)"),
+    "max_size": Field(Int(min=1, max=100_000), description="longest image side after resizing at most "
+                      "(default: 1333; digits_fasterrcnn 128)"),
     "score_thresh": Field(Float(ge=0, lt=1), default=model.DEFAULT_SCORE_THRESH,
                           description="detections below this detector score are dropped"),
     "device": Field(Enum(DEVICES), default=model.DEFAULT_DEVICE),
+    "batch_size": Field(Int(min=1, max=1024), description="images per forward pass (default: as many "
+                        "as fit 1/8 of the RAM at about 640 bytes per resized input pixel, at most 8)"),
 })
 
-ONNX_LAYOUTS = ("two_stage", "yolo", "detr")  # certood.detectors.onnx_detector documents each
+ONNX_LAYOUTS = ("two_stage", "yolo", "rtdetr", "detr")  # certood.detectors.onnx_detector documents each
 TAP_POINT_KEY = "|".join(re.escape(p) for p in TAP_POINTS)
 ONNX_DETECTOR = Record({
     "kind": Field(Enum(("onnx",)), description="detector kind (DETECTOR requires it)"),
@@ -293,19 +297,27 @@ ONNX_DETECTOR = Record({
                   description="the ONNX model, relative to the spec file (run with ONNX Runtime)"),
     "layout": Field(Enum(ONNX_LAYOUTS), default="two_stage",
                     description="which outputs the graph has and how detections tie to tapped rows"),
-    "tensors": Field(Map(Str(r".+", "a graph tensor name"), TAP_POINT_KEY, "a tap point (one of: "
-                         + ", ".join(TAP_POINTS) + ")"),
-                     default={}, description="tap point -> the graph tensor read there (added as an output)"),
+    "tensors": Field(Map(AnyOf((Str(r".+", "a graph tensor name"),
+                                List(Str(r".+", "a graph tensor name"), min_items=1))),
+                         TAP_POINT_KEY, "a tap point (one of: " + ", ".join(TAP_POINTS) + ")"),
+                     default={}, description="tap point -> the graph tensor read there (added as an output), "
+                     "or a list of per-level maps [1, C, H_i, W_i] concatenated along the candidates"),
     "input": Field(Str(r".+", "a graph input name"), description="the image input (default: the only one)"),
     "outputs": Field(Map(Str(r".+", "a graph output name"), NAME, "a layout output name"), default={},
-                     description="renamed layout outputs, e.g. {rows: keep_index}"),
+                     description="renamed layout outputs, e.g. {predictions: output0}, {rows: keep_index}"),
     "num_classes": Field(Int(min=2, max=100_000),
                          description="number of classes, background included (default: from the graph)"),
     "score_thresh": Field(Float(ge=0, lt=1), default=model.DEFAULT_SCORE_THRESH,
                           description="detections below this detector score are dropped"),
     "nms_thresh": Field(Float(gt=0, le=1), default=0.5, description="yolo layout: NMS IoU threshold"),
     "max_detections": Field(Int(min=1, max=100_000), default=100,
-                            description="yolo, detr layouts: detections kept per image"),
+                            description="yolo, rtdetr, detr layouts: detections kept per image"),
+    "activation": Field(Enum(("softmax", "sigmoid")), default="softmax",
+                        description="detr layout: softmax (no-object class last) or sigmoid (no such class)"),
+    "preprocess": Field(Enum(("resize", "letterbox")), default="resize",
+                        description="fixed-size graphs: resize to the input, or letterbox (aspect kept, grey "
+                        "padding, as ultralytics)"),
+    "batch_size": Field(Int(min=1, max=1024), default=8, description="images per detector call"),
     "device": Field(Enum(DEVICES), default=model.DEFAULT_DEVICE),
 }, description="an ONNX detector (certood.detectors.onnx_detector)")
 

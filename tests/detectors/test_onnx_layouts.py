@@ -186,3 +186,197 @@ def test_detr_monitored_head_is_the_class_head_background_first(detr):
     assert isinstance(head, nn.Sequential) and isinstance(head[-1], nn.Linear)
     with torch.no_grad():
         torch.testing.assert_close(head(d.taps["box_head.output"]), d.logits, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- stock-export shapes
+class ChannelsFirstYolo(TinyYolo):
+    """TinyYolo as ultralytics exports it: one output only (``output0``), and every per-anchor
+    tensor inside the graph channels first: the feature map ``[1, 32, h, w]`` and the class
+    logits ``[1, K, A]``."""
+
+    def forward(self, x):
+        pred, _ = super().forward(x)
+        return pred
+
+
+@pytest.fixture(scope="module")
+def stock_yolo(tmp_path_factory):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = ChannelsFirstYolo().eval()
+        with torch.no_grad():
+            model.cls.weight.mul_(8.0)
+    path = tmp_path_factory.mktemp("stock") / "yolo.onnx"
+    graph = _export(model, path, ["output0"])
+    cls_conv = [n for n in graph.graph.node if n.op_type == "Conv" and n.input[1].startswith("cls")]
+    [stem_out] = [n.output[0] for n in graph.graph.node if n.op_type == "Relu"][-1:]
+    return model, path, {"cls_logits": cls_conv[0].output[0], "head.input": stem_out}
+
+
+def test_channels_first_taps_and_the_single_output_of_a_stock_export(stock_yolo):
+    """No ``outputs:`` and taps on ``[1, C, h, w]`` / ``[1, K, h, w]`` maps: the detections and
+    per-anchor features equal the reference read of the same anchors."""
+    model, path, tensors = stock_yolo
+    det = OnnxDetector(path, tensors, layout="yolo", score_thresh=0.3, max_detections=40)
+    assert det.outputs == {"predictions": "output0"} and det.num_classes == K + 1
+    image = _images(4)[0]
+    [d] = det.detect([image])
+    with torch.no_grad():
+        f = model.stem(_resized(image))
+        pred = model(_resized(image))[0].T
+    feats = f.flatten(2)[0].T  # [A, 32], anchors row-major over the map, as view(1, C, -1)
+    logits = model.cls(f).flatten(2)[0].T
+    boxes = torch.cat([pred[:, :2] - pred[:, 2:4] / 2, pred[:, :2] + pred[:, 2:4] / 2], dim=1).clamp(0, SIZE)
+    scores, cls = pred[:, 4:].max(dim=1)
+    rows = torch.nonzero(scores >= 0.3).flatten()
+    keep = rows[batched_nms(boxes[rows], scores[rows], cls[rows], 0.5)][:40]
+    assert len(d) == len(keep) >= 5
+    torch.testing.assert_close(d.taps["head.input"], feats[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d.logits[:, 1:], logits[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d.scores, scores[keep], rtol=1e-5, atol=1e-6)
+
+
+def test_a_list_of_levels_is_concatenated_along_the_anchors(stock_yolo):
+    """Two taps of the same map as two levels give 2A rows: the adapter refuses them for the A
+    anchors, naming the shapes it found and the tensors that do have one row per anchor."""
+    _, path, tensors = stock_yolo
+    det = OnnxDetector(path, {"head.input": [tensors["head.input"]] * 2}, layout="yolo", score_thresh=0.3)
+    with pytest.raises(CertoodError, match=r"found shape \(\(1, 32, 16, 16\), \(1, 32, 16, 16\)\); tensors "
+                                           r"with one row per candidate \(256\): .*output0 \[1, 9, 256\]"):
+        det.detect(_images(4)[:1])
+    from certood.detectors.onnx_detector import _levels_as_rows
+
+    a, b = torch.rand(1, 3, 2, 2).numpy(), torch.rand(1, 3, 1, 1).numpy()
+    rows = _levels_as_rows([a, b])
+    assert rows.shape == (5, 3)
+    torch.testing.assert_close(rows[:4], torch.from_numpy(a)[0].reshape(3, 4).T)
+    torch.testing.assert_close(rows[4], torch.from_numpy(b)[0, :, 0, 0])
+
+
+def test_errors_list_the_graph_outputs_and_close_tensor_names(stock_yolo):
+    _, path, tensors = stock_yolo
+    with pytest.raises(CertoodError, match=r"no tensor for: output predictions .*graph outputs: output0 "
+                                           r"\[1, 9, 256\]"):
+        OnnxDetector(path, tensors, layout="yolo", outputs={"predictions": "predictions"})
+    typo = tensors["head.input"].replace("Relu", "Relv")
+    with pytest.raises(CertoodError, match=rf"head.input -> {typo}.*close tensor names: .*"
+                                           rf"{tensors['head.input']} \[1, 32, 16, 16\]"):
+        OnnxDetector(path, {"head.input": typo}, layout="yolo")
+
+
+def test_class_count_of_a_channels_first_logits_tap(stock_yolo):
+    """``[1, K, A]`` logits: K classes, not A (the old reading gave A + 1 and a misleading
+    'expected A categories' later)."""
+    _, path, tensors = stock_yolo
+    det = OnnxDetector(path, tensors, layout="yolo")
+    shapes = {tensors["cls_logits"]: [1, K, 256]}
+    assert det._infer_num_classes(shapes.get) == K + 1
+    assert det._infer_num_classes({**shapes, "output0": [1, 4 + K, 256]}.get) == K + 1
+
+
+def test_letterbox_maps_boxes_back_through_the_padding(stock_yolo):
+    """``preprocess: letterbox`` on a 48x80 image: the graph sees it scaled by 0.8 to 38x64 and
+    centred on grey (13 rows above), and boxes come back in the image's pixels."""
+    model, path, tensors = stock_yolo
+    det = OnnxDetector(path, {}, layout="yolo", score_thresh=0.3, preprocess="letterbox", max_detections=40)
+    image = _images(5)[1]  # 48 x 80
+    [d] = det.detect([image])
+    canvas = torch.full((3, SIZE, SIZE), 114 / 255)
+    canvas[:, 13:13 + 38] = torch.nn.functional.interpolate(image[None], size=(38, 64), mode="bilinear",
+                                                            align_corners=False)[0]
+    with torch.no_grad():
+        pred = model(canvas[None])[0].T
+    boxes = torch.cat([pred[:, :2] - pred[:, 2:4] / 2, pred[:, :2] + pred[:, 2:4] / 2], dim=1).clamp(0, SIZE)
+    scores, cls = pred[:, 4:].max(dim=1)
+    rows = torch.nonzero(scores >= 0.3).flatten()
+    keep = rows[batched_nms(boxes[rows], scores[rows], cls[rows], 0.5)][:40]
+    expected = (boxes[keep] - torch.tensor([0.0, 13.0, 0.0, 13.0])) / 0.8
+    expected[:, 0::2] = expected[:, 0::2].clamp(0, 80)
+    expected[:, 1::2] = expected[:, 1::2].clamp(0, 48)
+    assert len(d) == len(keep) >= 3
+    torch.testing.assert_close(d.boxes, expected, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(d.scores, scores[keep], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- sigmoid set heads
+class SigmoidDetr(TinyDetr):
+    """A Deformable-DETR-style head: ``pred_logits [1, Q, K]``, sigmoid scores, no no-object class."""
+
+    def __init__(self):
+        super().__init__()
+        self.class_embed = nn.Linear(32, K)
+
+
+class TinyRtdetr(TinyDetr):
+    """The older ultralytics RT-DETR output: ``[1, Q, 4 + K]`` (normalised cxcywh, sigmoid scores)."""
+
+    def __init__(self):
+        super().__init__()
+        self.class_embed = nn.Linear(32, K)
+
+    def forward(self, x):
+        logits, boxes = super().forward(x)
+        return torch.cat([boxes, torch.sigmoid(logits)], dim=-1)
+
+
+def _set_reference(scores_q, boxes_q, image, thresh, top):
+    scores, cls = scores_q.max(dim=1)
+    keep = torch.nonzero(scores >= thresh).flatten()
+    keep = keep[scores[keep].argsort(descending=True, stable=True)][:top]
+    h, w = image.shape[1:]
+    c = boxes_q[keep]
+    boxes = torch.stack([(c[:, 0] - c[:, 2] / 2) * w, (c[:, 1] - c[:, 3] / 2) * h,
+                         (c[:, 0] + c[:, 2] / 2) * w, (c[:, 1] + c[:, 3] / 2) * h], dim=1)
+    return keep, scores[keep], cls[keep], boxes
+
+
+@pytest.mark.parametrize("arch", ["detr_sigmoid", "rtdetr"])
+def test_sigmoid_set_heads_follow_the_reference_decoding(arch, tmp_path):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = (SigmoidDetr() if arch == "detr_sigmoid" else TinyRtdetr()).eval()
+        with torch.no_grad():
+            model.class_embed.weight.mul_(6.0)
+    path = tmp_path / f"{arch}.onnx"
+    graph = _export(model, path, ["pred_logits", "pred_boxes"] if arch == "detr_sigmoid" else ["output0"])
+    hs = _producer_input(graph, "MatMul", (32, K))
+    if arch == "detr_sigmoid":
+        det = OnnxDetector(path, {"box_head.output": hs}, layout="detr", activation="sigmoid", score_thresh=0.2,
+                           max_detections=8)
+    else:
+        det = OnnxDetector(path, {"box_head.output": hs}, layout="rtdetr", score_thresh=0.2, max_detections=8)
+        assert det.outputs == {"predictions": "output0"}
+    assert det.num_classes == K + 1
+    image = _images(6)[1]
+    [d] = det.detect([image])
+    captured = []
+    hook = model.decoder.register_forward_hook(lambda module, args, out: captured.append(out[0]))
+    with torch.no_grad():
+        if arch == "detr_sigmoid":
+            logits, boxes = (t[0] for t in model(_resized(image)))
+        else:
+            out = model(_resized(image))[0]
+            boxes, logits = out[:, :4], torch.logit(out[:, 4:].double(), eps=1e-7).float()
+    hook.remove()
+    keep, scores, cls, expected = _set_reference(logits.sigmoid(), boxes, image, 0.2, 8)
+    assert 2 <= len(d) == len(keep)
+    torch.testing.assert_close(d.scores, scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d.boxes, expected, rtol=1e-5, atol=1e-3)
+    assert torch.equal(d.labels, cls + 1)
+    torch.testing.assert_close(d.taps["box_head.output"], captured[0][keep], rtol=1e-4, atol=1e-5)
+    assert torch.equal(d.logits[:, 0], torch.zeros(len(d)))  # background zeros first
+    torch.testing.assert_close(d.logits[:, 1:], logits[keep], rtol=1e-4, atol=1e-4)
+    if arch == "detr_sigmoid":  # the certified head: the class layer with a zero background row
+        head = det.monitored_head("box_head.output")
+        with torch.no_grad():
+            torch.testing.assert_close(head(d.taps["box_head.output"]), d.logits, rtol=1e-5, atol=1e-5)
+    else:
+        with pytest.raises(CertoodError, match="layout rtdetr: no monitored head"):
+            det.monitored_head("box_head.output")
+
+
+def test_activation_applies_to_detr_only(stock_yolo):
+    with pytest.raises(CertoodError, match="only the detr layout"):
+        OnnxDetector(stock_yolo[1], {}, layout="yolo", activation="sigmoid")
+    with pytest.raises(CertoodError, match="unknown activation 'relu'"):
+        OnnxDetector(stock_yolo[1], {}, layout="detr", activation="relu")
