@@ -153,6 +153,10 @@ def as_image_tensor(image) -> torch.Tensor:
         if not image.is_floating_point() or image.ndim != 3 or image.shape[0] != 3:
             raise UsageError(f"image: expected a float CHW tensor with 3 channels, found "
                              f"{image.dtype} of shape {tuple(image.shape)}")
+        lo, hi = (float(v) for v in torch.aminmax(image.detach()))  # 0-255 floats would pass silently
+        if not (0.0 <= lo and hi <= 1.0):
+            raise UsageError(f"image: expected values in [0, 1], found [{lo:.4g}, {hi:.4g}] (divide 0-255 "
+                             "pixels by 255)")
         return image
     raise UsageError(f"image: expected a float CHW torch tensor, a uint8 HxWx3 numpy array or a PIL "
                      f"image, found {type(image).__name__}")

@@ -113,6 +113,8 @@ def test_tensor_numpy_and_pil_inputs_give_identical_results(checked, id_images):
         mon(np.asarray(pil).astype(np.float32))
     with pytest.raises(UsageError, match="3 channels"):
         mon(torch.rand(1, 32, 32))
+    with pytest.raises(UsageError, match=r"values in \[0, 1\]"):
+        mon(tensor * 255)
     with pytest.raises(UsageError, match="found str"):
         mon("image.png")
 
