@@ -398,7 +398,9 @@ def stage_dir(target: Path, replaceable) -> StagedDir:
     Both come before any work: the caller stages first. Missing parents are created (as
     ``mkdir -p``; pytest's --junitxml and ruff's --output-file do the same).
     """
-    target = Path(target)
+    target = Path(os.path.abspath(target))  # "." and "..": the staging must sit beside, not inside
+    if target == target.parent:
+        raise UsageError(f"{target}: the file system root cannot be an output directory")
     why = _why_not_replaceable(target, replaceable)
     if why:
         raise UsageError(why)
@@ -422,9 +424,13 @@ def stage_dir(target: Path, replaceable) -> StagedDir:
 def _monitor_replaceable(target: Path) -> str | None:
     if is_monitor_dir(target):
         return None
-    return (f"{target}: exists and is not a certood monitor (no manifest.json of format {FORMAT!r}, or "
-            "files certood did not write); certood replaces only a monitor it wrote or an empty "
-            "directory: choose another path")
+    manifest = _read_small_json(target / "manifest.json")
+    if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in MONITOR_FILES)
+        return (f"{target}: holds files certood did not write ({', '.join(foreign)}); a monitor is "
+                "replaced whole: move them away or choose another path")
+    return (f"{target}: exists and is not a certood monitor (no manifest.json of format {FORMAT!r}); "
+            "certood replaces only a monitor it wrote or an empty directory: choose another path")
 
 
 def results_replaceable(target: Path) -> str | None:

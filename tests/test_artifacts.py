@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -248,6 +249,74 @@ def test_missing_parents_of_an_output_are_created(calibrated, tmp_path):
     assert read_manifest(tmp_path / "a" / "b" / "monitor")["format"] == "certood-monitor"
 
 
+# ----------------------------------------------------- results directories, replaced whole
+def _results(directory: Path, text: str) -> Path:
+    """A results directory as run_check closes one (metrics.json of ours, marker last)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "metrics.json").write_text(json.dumps({"spec_fingerprint": "f", "protocol": "p", "v": text}))
+    (directory / "plots").mkdir(exist_ok=True)
+    (directory / "plots" / "roc.png").write_text(text)
+    artifacts.write_results_marker(directory, spec_fingerprint="f", detector_sha256="d")
+    return directory
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_staged_results_replace_the_old_ones_whole(tmp_path, monkeypatch, exchange):
+    if not exchange:  # a file system without renameat2 RENAME_EXCHANGE: two renames
+        monkeypatch.setattr(artifacts, "_exchange", lambda a, b: False)
+    target = _results(tmp_path / "out", "old")
+    (target / "plots" / "stale.png").write_text("an old figure")
+    artifacts.write_results_marker(target, spec_fingerprint="f", detector_sha256="d")
+    with artifacts.stage_results(target) as staged:
+        assert staged.path.parent == tmp_path and (staged.path / artifacts.STAGING_MARKER).is_file()
+        _results(staged.path, "new")
+        staged.commit()
+    assert json.loads((target / "metrics.json").read_text())["v"] == "new"
+    assert sorted(_tree(target)) == ["certood-results.json", "metrics.json", "plots/roc.png"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert artifacts.results_incomplete(target) is None
+
+
+def test_a_failed_staged_run_leaves_the_old_results_and_no_staging(tmp_path):
+    target = _results(tmp_path / "out", "old")
+    before = _tree(tmp_path)
+    with pytest.raises(RuntimeError):
+        with artifacts.stage_results(target) as staged:
+            (staged.path / "metrics.json").write_text("half")
+            raise RuntimeError("the run failed")
+    assert _tree(tmp_path) == before and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("content, why", [
+    ({"notes.txt": "mine"}, "holds files certood did not write (notes.txt)"),
+    ({"src/main.py": "x", "README.md": "y"}, "is not a `certood check` results directory"),
+    ({"metrics.json": '{"auroc": 1}'}, "is not a `certood check` results directory"),
+])
+def test_stage_results_refuses_a_directory_with_files_certood_did_not_write(tmp_path, content, why):
+    target = tmp_path / "out"
+    if "notes.txt" in content:
+        _results(target, "old")
+    for name, text in content.items():
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        (target / name).write_text(text)
+    before = _tree(tmp_path)
+    with pytest.raises(UsageError, match=re.escape(why)) as err:
+        artifacts.stage_results(target)
+    assert str(target) in str(err.value) and _tree(tmp_path) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_results_of_an_older_certood_without_marker_are_replaceable_but_incomplete(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "metrics.json").write_text(json.dumps({"spec_fingerprint": "f", "protocol": "p"}))
+    (target / "boxes.jsonl").write_text("")
+    assert artifacts.foreign_results_entries(target) == []
+    assert "no certood-results.json" in artifacts.results_incomplete(target)
+    (target / "mine.csv").write_text("")
+    assert artifacts.foreign_results_entries(target) == ["mine.csv"]
+
+
 # --------------------------------------------------------- manifest values, validated on load
 def _edit(manifest: dict, change: str) -> None:
     if change == "threshold text":
@@ -362,3 +431,13 @@ def test_atomic_write_json_refuses_nan_without_touching_the_file(tmp_path):
         atomic_write_json(target, {"auroc": float("nan")})
     assert json.loads(target.read_text()) == {"auroc": 0.5}
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_an_output_given_as_dot_is_staged_beside_it_not_inside(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with artifacts.stage_results(Path(".")) as staged:
+        assert staged.path.parent == tmp_path and staged.target == work
+    with pytest.raises(UsageError, match="root"):
+        artifacts.stage_results(Path("/"))
