@@ -142,7 +142,23 @@ def render_reference() -> str:
     out += _table(["metric", "data sets", "per score", "better", "description"],
                   [(f"`{k}`", m.datasets, "yes" if m.per_score else "no",
                     "higher" if m.higher_is_better else "lower", m.description) for k, m in GATE_METRIC_TABLE.items()])
+    out += ["", "## Reading limits", "", _limits()]
     return "\n".join(out) + "\n"
+
+
+def _limits() -> str:
+    """The bounds every spec, `extends:` target and policy file is read under (certood.spec.files,
+    certood.spec.source): specs are small, and these keep a wrong file from hanging a run."""
+    from certood.spec.files import MAX_SPEC_BYTES, size_text
+    from certood.spec.loader import MAX_ISSUES
+    from certood.spec.source import MAX_DEPTH, MAX_VALUES
+    from certood.spec.v1 import MAX_SCORES
+
+    return (f"A spec, an `extends:` target and a `certood gate --policy` file must be regular files (not a "
+            f"FIFO, a device or a directory) of at most {size_text(MAX_SPEC_BYTES)}, with at most "
+            f"{MAX_VALUES:,} keys and values and {MAX_DEPTH} levels of nesting; a spec has at most {MAX_SCORES} "
+            f"scores. Past a limit the file is refused with one located error. A report lists the first "
+            f"{MAX_ISSUES} issues of a file and counts the rest.")
 
 
 def generated_section(text: str) -> str | None:

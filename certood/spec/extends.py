@@ -9,8 +9,10 @@ fpr + on / fixed) or a data source form (digitsdet / annotations + images) drops
 parent's other keys, and another `kind` (of the detector, of a score) replaces the whole
 entry. Every merged value keeps the position, and the file, it was written at (`Loc.file`),
 so an error in an inherited value names the parent's file:line:col. A missing parent, a
-cycle (reported with its chain) or a parent that is not valid YAML is an error at the
-`extends` value that leads there.
+cycle (reported with its chain), or a parent that cannot be used as a spec (not a regular
+file, over 1 MiB, not YAML, not a mapping, past a reading limit) is an error at the `extends`
+value that leads there, naming the parent and never quoting it (`extends: /etc/passwd` must
+not print the password file). Errors inside a parent that is a YAML mapping are located in it.
 
 >>> import tempfile, pathlib
 >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -27,6 +29,7 @@ import re
 from pathlib import Path
 
 from certood.errors import SpecIssue
+from certood.spec.files import UnreadableFile, read_spec_bytes
 from certood.spec.schema import List, Map, Record, Tagged
 from certood.spec.source import Document, KeyPath, describe, read_yaml
 
@@ -69,11 +72,14 @@ def _resolve(doc: Document, filename: str, base_dir: Path, chain) -> tuple[Docum
         return fail("a chain of extends without a cycle", "a cycle: " + " -> ".join(shown_chain + (shown,)),
                     "remove one of the extends")
     try:
-        data = target.read_bytes()
-    except (OSError, ValueError) as e:  # ValueError: a NUL; OSError: missing, a directory, ...
-        found = f"'{ref}': " + (getattr(e, "strerror", None) or str(e))
-        return fail("a readable spec file to extend", found, "the path is relative to this file")
+        data = read_spec_bytes(target)
+    except UnreadableFile as e:  # missing, a directory, a FIFO, a device, too large, ...
+        return fail("a readable spec file to extend", f"'{ref}': {e.reason}",
+                    e.hint or ("the path is relative to this file" if not os.path.isabs(ref) else ""))
     parent = read_yaml(data, shown)
+    if parent.value is None:  # not a spec at all: said here, without the parent's issues (they quote it)
+        return fail("a spec file (a YAML mapping) to extend", f"'{ref}', which is {parent.unusable}",
+                    f"certood validate {shown} shows why" if "line" in parent.unusable else "")
     parent.values = {p: dataclasses.replace(v, file=shown) for p, v in parent.values.items()}
     parent.keys = {p: dataclasses.replace(v, file=shown) for p, v in parent.keys.items()}
     if parent.value is not None:

@@ -31,10 +31,14 @@ from certood.spec.model import DEFAULT_DETECTOR_SCORE, DEFAULT_TPR
 from certood.spec.policy import GateNames, build_policies, check_policy_entries, conflicts
 from certood.spec.rule import ClassThresholdRef, Rule, check_rule
 from certood.spec.schema import Collector, Problem, closest, did_you_mean
+from certood.spec.files import UnreadableFile, read_spec_bytes
 from certood.spec.source import LINE_BREAK, Document, Loc, key_path_str, read_yaml
 from certood.spec.v1 import (
     BUILTIN_WEIGHTS, CERTIFY_TAP_POINTS, POLICY_FILE, SCORE_KIND_TABLE, SCORE_NAME, SPEC, TAP_POINTS, VIDEO_SPLITS,
 )
+
+MAX_ISSUES = 100  # issues shown per report; the rest are counted (see cap_issues)
+
 
 def load_spec(path: str | Path) -> Spec:
     """Load and validate a spec file; raises SpecError listing every error in it."""
@@ -60,13 +64,33 @@ def check_spec_file(path: str | Path) -> list[SpecIssue]:
 
 def _check_file(path: str | Path) -> tuple[Spec | None, list[SpecIssue]]:
     try:
-        data = Path(path).read_bytes()
-    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
-        found = getattr(e, "strerror", None) or str(e)
-        return None, [SpecIssue(str(path), 1, 1, "", "a readable spec file", found)]
+        data = read_spec_bytes(path, "spec file")
+    except UnreadableFile as e:
+        return None, [SpecIssue(str(path), 1, 1, "", f"a readable {e.what}", e.reason, e.hint)]
     absolute = Path(os.path.abspath(path))
     spec, issues = _check_text(data, str(path), absolute.parent, str(absolute))
     return (spec and dataclasses.replace(spec, path=absolute)), issues
+
+
+def cap_issues(issues: list[SpecIssue], limit: int = MAX_ISSUES) -> list[SpecIssue]:
+    """The first `limit` issues, then one that counts the rest: a file with thousands of
+    mistakes is fixed from its first ones, and printing them all costs more than reading it.
+
+    >>> many = [SpecIssue("m.yaml", n, 1, "", "x", "y") for n in range(1, 6)]
+    >>> [str(i) for i in cap_issues(many, 2)][2]
+    'm.yaml:3:1: expected at most 2 issues in one report, found 3 more (3 errors), not shown (hint: fix the ones above first)'
+    """
+    if len(issues) <= limit:
+        return issues
+    rest = issues[limit:]
+    errors = sum(i.severity == "error" for i in rest)
+    counts = ", ".join(f"{n:,} {word}{'s' if n != 1 else ''}" for n, word in
+                       ((errors, "error"), (len(rest) - errors, "warning")) if n)
+    first = rest[0]
+    summary = SpecIssue(first.file, first.line, first.column, "", f"at most {limit} issues in one report",
+                        f"{len(rest):,} more ({counts}), not shown", "fix the ones above first",
+                        "error" if errors else "warning")
+    return issues[:limit] + [summary]
 
 
 def check_spec_text(text: str | bytes, filename: str = "<string>",
@@ -81,7 +105,7 @@ def _check_text(text: str | bytes, filename: str, base_dir: Path | None,
     base = Path(os.path.abspath(base_dir if base_dir is not None else Path.cwd()))
     doc, parents = read_spec_document(text, filename, base, real_path)
     if doc.value is None:
-        return None, doc.issues
+        return None, cap_issues(doc.issues)
     ctx = Collector()
     norm = SPEC.validate(doc.value, (), ctx)
     threshold_warnings = _check_threshold(norm, ctx)
@@ -96,7 +120,7 @@ def _check_text(text: str | bytes, filename: str, base_dir: Path | None,
     # the spec's own issues first, then each inherited file's (extends), by position
     issues = sorted(issues + rule_issues, key=lambda i: (i.file != filename, i.file, i.line, i.column))
     if rule is None or any(i.severity == "error" for i in issues):
-        return None, issues
+        return None, cap_issues(issues)
     warnings = tuple(i for i in issues if i.severity == "warning")
     norm = rebase_paths(norm, doc, parents)
     return dataclasses.replace(_build(norm, doc.value, rule, base, warnings), gate=gate), issues
@@ -107,10 +131,9 @@ def load_policy_file(path: str | Path, spec: Spec) -> tuple[GatePolicy, ...]:
     """The policies of a policy file checked against `spec` (its names, and its own gate
     policies for contradictions); raises SpecError listing every error, located."""
     try:
-        data = Path(path).read_bytes()
-    except (OSError, ValueError) as e:
-        found = getattr(e, "strerror", None) or str(e)
-        raise SpecError([SpecIssue(str(path), 1, 1, "", "a readable policy file", found)]) from None
+        data = read_spec_bytes(path, "policy file")
+    except UnreadableFile as e:
+        raise SpecError([SpecIssue(str(path), 1, 1, "", f"a readable {e.what}", e.reason, e.hint)]) from None
     policies, issues = check_policy_text(data, spec, str(path))
     if policies is None:
         raise SpecError([i for i in issues if i.severity == "error"])
@@ -123,12 +146,12 @@ def check_policy_text(text: str | bytes, spec: Spec,
     `version: 1`), read and located as strictly as a spec."""
     doc = read_yaml(text, filename)
     if doc.value is None:
-        return None, doc.issues
+        return None, cap_issues(doc.issues)
     ctx = Collector()
     norm = POLICY_FILE.validate(doc.value, (), ctx)
     policies = _check_gate(norm, doc, filename, GateNames.from_spec(spec), ctx, earlier=spec.gate)
     issues = sorted(doc.issues + [_locate(p, doc, filename) for p in ctx.problems], key=lambda i: (i.line, i.column))
-    return (None if any(i.severity == "error" for i in issues) else policies), issues
+    return (None if any(i.severity == "error" for i in issues) else policies), cap_issues(issues)
 
 
 def _check_gate(norm, doc: Document, file: str, names: GateNames, ctx: Collector,
@@ -463,6 +486,7 @@ def _build(norm: dict, raw: dict, rule: Rule, base: Path, warnings: tuple) -> Sp
             score_thresh=det["score_thresh"], device=det["device"], layout=det["layout"],
             tensors=dict(det["tensors"]), input=det.get("input"), outputs=dict(det["outputs"]),
             nms_thresh=det["nms_thresh"], max_detections=det["max_detections"],
+            activation=det["activation"], preprocess=det["preprocess"], batch_size=det["batch_size"],
         )
     else:
         weights = det["weights"]
@@ -486,7 +510,6 @@ def _build(norm: dict, raw: dict, rule: Rule, base: Path, warnings: tuple) -> Sp
         version=norm["version"],
         detector=detector,
         data=DataSpec(fit=source(data.get("fit")), calibration=source(data["calibration"]),
-            activation=det["activation"], preprocess=det["preprocess"], batch_size=det["batch_size"],
                       id_test=source(data.get("id_test")),
                       ood={k: source(v) for k, v in (data.get("ood") or {}).items()},
                       ood_validation={k: source(v) for k, v in (data.get("ood_validation") or {}).items()}),

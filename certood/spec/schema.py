@@ -254,8 +254,9 @@ class Record(_Type):
         out, suggested = {}, set()
         for key, item in value.items():
             if key not in self.fields:
-                suggested.add(closest(key, self.fields))
-                hint = did_you_mean(key, self.fields)
+                match = closest(key, self.fields)  # once: difflib is most of the cost of a file of typos
+                suggested.add(match)
+                hint = f"did you mean '{match}'?" if match else ""
                 ctx.add(path + (key,), f"one of the keys: {_listing(self.fields)}",
                         f"unknown key '{key}'", hint, at_key=True)
             else:
@@ -364,6 +365,8 @@ class Map(_Type):
     key_expected: str
     min_items: int = 0
     description: str = ""
+    max_items: int | None = None  # checked before any entry: an oversized map is one issue, not one per entry
+    max_hint: str = ""
 
     @property
     def expected(self) -> str:
@@ -372,6 +375,9 @@ class Map(_Type):
     def check(self, value, path, ctx):
         if not isinstance(value, dict) or len(value) < self.min_items:
             ctx.add(path, self.expected, describe(value) if value != {} else "an empty mapping")
+            return INVALID
+        if self.max_items is not None and len(value) > self.max_items:
+            ctx.add(path, f"at most {self.max_items} entries", f"{len(value):,} entries", self.max_hint, at_key=True)
             return INVALID
         out = {}
         for key, item in value.items():
@@ -389,6 +395,8 @@ class Map(_Type):
             out["additionalProperties"] = self.values.json()
         if self.min_items:
             out["minProperties"] = self.min_items
+        if self.max_items is not None:
+            out["maxProperties"] = self.max_items
         return _described(out, self.description)
 
 

@@ -4,6 +4,13 @@ Only PyYAML's scanner and parser run (an event stream); no constructor ever does
 therefore cannot build an object, and an alias cannot expand (aliases and anchors are
 rejected outright, which also defuses "billion laughs" bombs).
 
+Specs are small, so reading is bounded before it starts: at most MAX_SPEC_BYTES of text,
+MAX_VALUES keys and values, and MAX_DEPTH levels of nesting. The nesting limit is enforced
+inside PyYAML's scanner (`_BoundedLoader`), where each open flow collection costs every later
+token a pass over its pending simple keys (100,000 nested `[` took minutes); the other two
+stop the event stream at the first value too many. Past any limit the document is refused
+at once, with one issue at the place the limit was reached.
+
 >>> doc = read_yaml(b"a:\\n  b: 1\\n", "m.yaml")
 >>> doc.value, doc.values[("a", "b")], doc.issues
 ({'a': {'b': 1}}, Loc(line=2, column=6, source='1'), [])
@@ -26,6 +33,7 @@ from yaml.events import (
 from yaml.nodes import ScalarNode
 
 from certood.errors import SpecIssue
+from certood.spec.files import MAX_SPEC_BYTES, size_text
 
 KeyPath = tuple  # of str (mapping keys) and int (list indices)
 
@@ -38,6 +46,7 @@ class _Invalid:
 INVALID = _Invalid()  # a value rejected and reported already (an alias, a bad number...)
 
 MAX_DEPTH = 64  # nesting deeper than any spec needs; keeps every walker far from recursion limits
+MAX_VALUES = 10_000  # keys and values of one document; PyYAML reads about 10,000 a second
 # YAML 1.1 reads these plain words as booleans; as mapping keys they are names (`on: near_val`),
 # as YAML 1.2 and editors read them. `true`/`false` keys stay booleans (and are rejected).
 WORD_KEYS = frozenset(w for word in ("yes", "no", "on", "off") for w in (word, word.title(), word.upper()))
@@ -68,6 +77,9 @@ class Document:
     values: dict[KeyPath, Loc] = field(default_factory=dict)  # where each value starts
     keys: dict[KeyPath, Loc] = field(default_factory=dict)  # where each mapping key is written
     issues: list[SpecIssue] = field(default_factory=list)
+    # why `value` is None, in words that never quote the text ("not valid YAML (line 3,
+    # column 1)", "a list, not a mapping"): what `extends` reports about an unusable parent
+    unusable: str = ""
 
 
 def key_path_str(path: KeyPath) -> str:
@@ -139,14 +151,75 @@ def describe(value: object) -> str:
     return type(value).__name__
 
 
+def kind_of(value: object) -> str:
+    """What kind of value a document holds, without quoting it (for a file that is not a spec).
+
+    >>> kind_of("root:x:0:0"), kind_of([1]), kind_of(3.5)
+    ('a string', 'a list', 'a number')
+    """
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "a mapping"}.get(type(value), "a value")
+
+
 def read_yaml(text: str | bytes, file: str) -> Document:
     """Read one YAML document strictly into plain values with positions (see module doc)."""
+    if len(text) > MAX_SPEC_BYTES:  # before decoding or parsing anything
+        unit = "bytes" if isinstance(text, bytes) else "characters"
+        found = f"{len(text):,} {unit}"
+        limit = size_text(MAX_SPEC_BYTES) if unit == "bytes" else f"{MAX_SPEC_BYTES:,} characters"
+        issue = SpecIssue(file, 1, 1, "", f"a spec of at most {limit}", found, "specs are small: is this the right file?")
+        return Document(None, issues=[issue], unusable=f"{found}, over the {limit} limit")
     if isinstance(text, bytes):
         decoded, issues = decode_utf8(text, file)
         if decoded is None:
-            return Document(None, issues=issues)
+            at = issues[0]
+            return Document(None, issues=issues, unusable=f"not UTF-8 text (line {at.line}, column {at.column})")
         text = decoded
     return _Reader(text, file).read()
+
+
+class _Refused(Exception):
+    """A reading limit reached: the document is refused at `mark`."""
+
+    def __init__(self, mark, expected: str, found: str):
+        super().__init__(found)
+        self.mark, self.expected, self.found = mark, expected, found
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe scanner and parser with MAX_DEPTH and MAX_VALUES enforced as they read.
+
+    Only the scanner knows flow nesting early enough: it looks ahead up to 1,024 characters
+    for a simple key, and every open `[`/`{` makes each later token slower. Block nesting is
+    counted by its indentation stack (a sequence written at its key's indentation opens no
+    indentation level; the reader's own depth check covers it)."""
+
+    values_read = 0
+
+    def _open_levels(self) -> int:
+        return len(self.indents) + self.flow_level
+
+    def fetch_flow_collection_start(self, TokenClass):
+        if self._open_levels() >= MAX_DEPTH:
+            raise _Refused(self.get_mark(), f"at most {MAX_DEPTH} levels of nesting", "deeper nesting")
+        super().fetch_flow_collection_start(TokenClass)
+
+    def add_indent(self, column):
+        if self.indent < column and self._open_levels() >= MAX_DEPTH:
+            raise _Refused(self.get_mark(), f"at most {MAX_DEPTH} levels of nesting", "deeper nesting")
+        return super().add_indent(column)
+
+    def get_event(self):
+        event = super().get_event()
+        if isinstance(event, (ScalarEvent, CollectionStartEvent, AliasEvent)):
+            self.values_read += 1
+            if self.values_read > MAX_VALUES:
+                raise _Refused(event.start_mark, f"at most {MAX_VALUES:,} keys and values in a spec",
+                               "more (specs are small)")
+        return event
 
 
 class _Reader:
@@ -156,7 +229,7 @@ class _Reader:
         self.text, self.file = text, file
         self.doc = Document(None)
         self.aliases_seen: set[str] = set()
-        self.events: yaml.SafeLoader | None = None
+        self.events: _BoundedLoader | None = None
 
     def issue(self, mark, path: KeyPath, expected: str, found: str, hint: str = "") -> None:
         """Record a problem at a PyYAML mark (0-based), a Loc (1-based) or, for None, 1:1."""
@@ -170,39 +243,53 @@ class _Reader:
 
     def read(self) -> Document:
         try:
-            self.events = yaml.SafeLoader(self.text)  # only its parser/resolver are used
+            self.events = _BoundedLoader(self.text)  # only its parser/resolver are used
             self._read_stream()
+        except _Refused as e:
+            self.doc.value = None
+            self.issue(e.mark, (), e.expected, e.found)
+            self.doc.unusable = f"{e.expected.replace('at most', 'more than')} ({self._at(e.mark)})"
         except yaml.MarkedYAMLError as e:
             self.doc.value = None
             found = e.problem or "invalid YAML"
             hint = f"{e.context}" if e.context else ""
             self.issue(e.problem_mark or e.context_mark, (), "valid YAML", found, hint)
+            self.doc.unusable = f"not valid YAML ({self._at(e.problem_mark or e.context_mark)})"
         except yaml.reader.ReaderError as e:  # a character YAML does not allow
             self.doc.value = None
             line, column = line_col(self.text, e.position)
             found = f"character {e.character:#06x}, which YAML does not allow"
             self.doc.issues.append(SpecIssue(self.file, line, column, "", "valid YAML", found))
+            self.doc.unusable = f"not valid YAML (line {line}, column {column})"
         finally:
             if self.events is not None:
                 self.events.dispose()
         return self.doc
+
+    @staticmethod
+    def _at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "line 1, column 1"
 
     def _read_stream(self) -> None:
         ev = self.events
         ev.get_event()  # StreamStart
         if ev.check_event(StreamEndEvent):
             self.issue(None, (), "a mapping of spec keys", "an empty document")
+            self.doc.unusable = "an empty document"
             return
         start = ev.get_event().start_mark  # DocumentStart
         value = self._node((), 0)
         ev.get_event()  # DocumentEnd
         if value is INVALID:  # the whole document was rejected, and reported
+            self.doc.unusable = "not a plain YAML mapping"
             return
         if value is None:
             self.issue(start, (), "a mapping of spec keys", "an empty document")
+            self.doc.unusable = "an empty document"
             return
         if not isinstance(value, dict):
             self.issue(self.doc.values.get(()), (), "a mapping of spec keys", describe(value))
+            self.doc.unusable = f"{kind_of(value)}, not a mapping"
             return
         self.doc.value = value
         if not ev.check_event(StreamEndEvent):
@@ -231,10 +318,8 @@ class _Reader:
                        "remove the tag: specs are plain data")
         if isinstance(event, ScalarEvent):
             return self._scalar(event, path)
-        if depth >= MAX_DEPTH:
-            self.issue(mark, path, f"at most {MAX_DEPTH} levels of nesting", "deeper nesting")
-            self._skip_collection()
-            return INVALID
+        if depth >= MAX_DEPTH:  # e.g. sequences at their key's indentation, which the scanner does not count
+            raise _Refused(mark, f"at most {MAX_DEPTH} levels of nesting", "deeper nesting")
         if isinstance(event, SequenceStartEvent):
             items = []
             while not self.events.check_event(SequenceEndEvent):
@@ -277,15 +362,6 @@ class _Reader:
                 self.doc.values[path + (key,)] = self.doc.keys[path + (key,)]  # `key:` with no value
         self.events.get_event()
         return out
-
-    def _skip_collection(self) -> None:
-        depth = 1
-        while depth:
-            event = self.events.get_event()
-            if isinstance(event, CollectionStartEvent):
-                depth += 1
-            elif isinstance(event, (MappingEndEvent, SequenceEndEvent)):
-                depth -= 1
 
     def _scalar(self, event: ScalarEvent, path: KeyPath):
         """Plain scalars resolve as YAML 1.1 (null/bool/int/float); everything else is a string."""

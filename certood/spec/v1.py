@@ -39,6 +39,7 @@ DEVICES = ("cpu", "cuda", "auto")
 NAME = r"[A-Za-z_][A-Za-z0-9_-]*"
 # Score names appear in rules, so they are identifiers other than the rule's own words.
 SCORE_NAME = r"(?!(?:and|or|not|t)$)[A-Za-z_][A-Za-z0-9_]*"
+MAX_SCORES = 64  # scores of one spec: each is extracted, calibrated and plotted; 10,000 ran for hours
 PATH = r"[^\x00]+"
 WEIGHTS = r"builtin:(?:" + "|".join(BUILTIN_WEIGHTS) + r")|(?!builtin:)[^\x00]*\.(?:safetensors|pt|pth)"
 
@@ -284,9 +285,9 @@ TORCHVISION_DETECTOR = Record({
                       "(default: 1333; digits_fasterrcnn 128)"),
     "score_thresh": Field(Float(ge=0, lt=1), default=model.DEFAULT_SCORE_THRESH,
                           description="detections below this detector score are dropped"),
-    "device": Field(Enum(DEVICES), default=model.DEFAULT_DEVICE),
     "batch_size": Field(Int(min=1, max=1024), description="images per forward pass (default: as many "
                         "as fit 1/8 of the RAM at about 640 bytes per resized input pixel, at most 8)"),
+    "device": Field(Enum(DEVICES), default=model.DEFAULT_DEVICE),
 })
 
 ONNX_LAYOUTS = ("two_stage", "yolo", "rtdetr", "detr")  # certood.detectors.onnx_detector documents each
@@ -489,8 +490,9 @@ SPEC = Record({
                   required=True, description="named points of the detector to read features from"),
     "scores": Field(
         Map(Tagged({k: _score_record(v) for k, v in SCORE_KIND_TABLE.items()}), SCORE_NAME,
-            "an identifier ([A-Za-z_][A-Za-z0-9_]*) other than and, or, not, t", min_items=1),
-        required=True, description="named OOD scores, each reading one tap",
+            "an identifier ([A-Za-z_][A-Za-z0-9_]*) other than and, or, not, t", min_items=1,
+            max_items=MAX_SCORES, max_hint="each score is extracted, calibrated and plotted: split the spec"),
+        required=True, description=f"named OOD scores, each reading one tap (at most {MAX_SCORES})",
     ),
     "threshold": Field(THRESHOLD),
     "rule": Field(Str(), description="when to flag a box, e.g. 'energy > t.energy or maha > t.maha'; "

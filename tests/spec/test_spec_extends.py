@@ -103,11 +103,19 @@ def test_a_rule_and_gate_inherited_from_the_parent_are_located_there(tmp_path):
     assert issues(tmp_path / "child.yaml") == [("child.yaml", "gate[1]", 4, 5), ("base.yaml", "rule", 20, 29)]
 
 
-def test_yaml_errors_of_the_parent_keep_the_parents_name(tmp_path):
+def test_a_parent_that_is_not_yaml_is_reported_at_the_extends_line_with_its_position(tmp_path):
     (tmp_path / "base.yaml").write_text("version: 1\ndata: {calibration: {digitsdet: val}\n")
+    (tmp_path / "child.yaml").write_text("version: 1\nextends: base.yaml\n")
+    (issue,) = [i for i in check_spec_file(tmp_path / "child.yaml") if i.severity == "error"]
+    assert (Path(issue.file).name, issue.key_path, issue.line, issue.column) == ("child.yaml", "extends", 2, 10)
+    assert issue.found == "'base.yaml', which is not valid YAML (line 3, column 1)"
+    assert issue.hint == f"certood validate {tmp_path / 'base.yaml'} shows why"
+
+
+def test_yaml_errors_inside_a_parent_mapping_stay_in_the_parent(tmp_path):
+    (tmp_path / "base.yaml").write_text(BASE.replace("version: 1", "version: &v 1"))
     (tmp_path / "child.yaml").write_text("extends: base.yaml\n")
-    ((file, key, line, col),) = issues(tmp_path / "child.yaml")
-    assert (file, key, line) == ("base.yaml", "", 3)
+    assert issues(tmp_path / "child.yaml") == [("base.yaml", "version", 1, 10)]
 
 
 @pytest.mark.parametrize("files, expected", [

@@ -63,8 +63,8 @@ SNAPSHOTS = [
      "m.yaml:2:22: detector.min_size: expected an integer >= 1 and <= 100000, found integer 0\n"
      "base/demo.yaml:21:38: scores.energy.temperature: expected a number > 0, found integer 0\n"),
     ("extends-yaml-error-in-parent", {"p.yaml": "version: 1\ndata: {calibration: [\n", "m.yaml": "extends: p.yaml\n"},
-     "m.yaml", 2, "p.yaml:3:1: expected valid YAML, found expected the node content, but found '<stream end>' "
-     "(hint: while parsing a flow node)\n"),
+     "m.yaml", 2, "m.yaml:1:10: extends: expected a spec file (a YAML mapping) to extend, found 'p.yaml', "
+     "which is not valid YAML (line 3, column 1) (hint: certood validate p.yaml shows why)\n"),
     ("fusion-reads-its-components", {"m.yaml": DEMO.replace(
         "  maha:   {kind: mahalanobis, tap: penultimate}\n",
         "  maha:   {kind: mahalanobis, tap: penultimate}\n  fz: {kind: fusion, tap: logits, of: [energy, maha]}\n")
