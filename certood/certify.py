@@ -27,7 +27,12 @@ unbounded, ``[-inf, inf]``, so a rule that does not need it can still be decided
   on every logit margin ``l_i - l_j`` (rows of one linear layer appended to the head, so
   CROWN bounds the margins directly, tighter than subtracting logit bounds);
 - mahalanobis: the whitening map ``u = L^T h`` (``P = L L^T``) is appended as a linear layer,
-  ``y_c = u - L^T mu_c``, then a sum-of-squares interval per class, min over classes;
+  ``y_c = u - L^T mu_c``, then a sum-of-squares interval per class, min over classes; where
+  the backend bounds per-box linear specifications (certood's sparse CROWN, auto_LiRPA, the
+  float64 reference) and the method is not IBP, the boxes the rule leaves open get the
+  coupled bound of certood.verifiers.quadratic (a Fenchel lower bound and a secant upper
+  bound, each through one CROWN-bounded linear function of ``u`` per class: the whitened
+  coordinates stay coupled through the input), intersected per class with the interval;
 - knn: bounds of the features themselves, then cosine and distance intervals to every
   bank row, and the k-th smallest lower / upper distance.
 
@@ -336,13 +341,20 @@ def _mahalanobis_rows(score, dim):
     return LT, torch.zeros(LT.shape[0], dtype=torch.float64)
 
 
-def mahalanobis_bounds(score, lo, hi, dim):
-    _, offsets = mahalanobis_whitening(score)
+def class_distance_intervals(lo: Tensor, hi: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """Interval bounds ``[N, C]`` of ``||u - o_c||^2`` from bounds ``[N, r]`` of each ``u_j``
+    (each coordinate at its own extreme: the decoupled bound)."""
     ylo = lo.unsqueeze(1) - offsets.unsqueeze(0)  # [N, C, r]
     yhi = hi.unsqueeze(1) - offsets.unsqueeze(0)
     sq_lo = torch.where(ylo > 0, ylo ** 2, torch.where(yhi < 0, yhi ** 2, torch.zeros_like(ylo)))
     sq_hi = torch.maximum(ylo ** 2, yhi ** 2)
-    return sq_lo.sum(dim=2).min(dim=1).values, sq_hi.sum(dim=2).min(dim=1).values
+    return sq_lo.sum(dim=2), sq_hi.sum(dim=2)
+
+
+def mahalanobis_bounds(score, lo, hi, dim):
+    _, offsets = mahalanobis_whitening(score)
+    sq_lo, sq_hi = class_distance_intervals(lo, hi, offsets)
+    return sq_lo.min(dim=1).values, sq_hi.min(dim=1).values
 
 
 def knn_bounds(score, lo, hi, dim):
@@ -585,7 +597,22 @@ def lirpa_backend(composite: nn.Module, region: Region) -> Callable[..., tuple[T
         b = bounder(z, eps, **kwargs)
         return b.lower.double(), b.upper.double()
 
+    def spec_bounds(z: Tensor, eps, C: Tensor) -> tuple[Tensor, Tensor]:
+        """CROWN bounds of ``C[n] @ rows`` over box n's region (``C`` ``[N, K, rows]``)."""
+        z = z.to(dtype)
+        kwargs: dict[str, Any] = {"norm": region.norm, "method": "crown", "C": C.to(dtype)}
+        if region.norm == math.inf:
+            if isinstance(eps, Tensor):
+                eps = eps.to(dtype).reshape(-1, 1)
+            if region.nonnegative:
+                kwargs["x_lower"] = torch.zeros_like(z)
+        else:
+            eps = float(eps)
+        b = bounder(z, eps, **kwargs)
+        return b.lower.double(), b.upper.double()
+
     run.staged = True  # takes method=: Certifier.certify bounds with IBP first
+    run.spec_bounds = spec_bounds  # per-box linear specifications (the Mahalanobis bound)
     return run
 
 
@@ -619,7 +646,15 @@ def sparse_backend(composite: nn.Module, region: Region) -> Callable[..., tuple[
         lo, hi = RefRegion(z, e, lower=torch.zeros_like(z) if region.nonnegative else None).box()
         return crown.ibp(lo, hi) if method == "ibp" else crown(lo, hi)
 
+    def spec_bounds(z: Tensor, eps, C: Tensor) -> tuple[Tensor, Tensor]:
+        """CROWN bounds of ``C[n] @ rows`` over box n (``C`` ``[N, K, rows]``)."""
+        z = z.double()
+        e = eps.double().reshape(-1, 1) if isinstance(eps, Tensor) else float(eps)
+        lo, hi = RefRegion(z, e, lower=torch.zeros_like(z) if region.nonnegative else None).box()
+        return crown.spec_bounds(crown.prepare(lo, hi), C)
+
     run.staged = True
+    run.spec_bounds = spec_bounds
     return run
 
 
@@ -637,17 +672,24 @@ def default_backend(engine: str = "auto") -> Callable:
 
 def reference_backend(method: str) -> Callable:
     """Row bounds by certood.verifiers.reference (own code, float64): for ``recheck``."""
-    from certood.verifiers.reference import Region as RefRegion, mlp_layers, reference_bounds
+    from certood.verifiers.reference import Region as RefRegion, crown_bounds, mlp_layers, reference_bounds
 
     def make(composite: nn.Module, region: Region):
         layers = mlp_layers(composite)
 
-        def run(z: Tensor, eps) -> tuple[Tensor, Tensor]:
-            z = z.double()
+        def ref_region(z: Tensor, eps) -> RefRegion:
             e = eps.double().reshape(-1, 1) if isinstance(eps, Tensor) else float(eps)
             lower = torch.zeros_like(z) if (region.nonnegative and region.norm == math.inf) else None
-            return reference_bounds(layers, RefRegion(z, e, region.norm, lower=lower), method)
+            return RefRegion(z, e, region.norm, lower=lower)
 
+        def run(z: Tensor, eps) -> tuple[Tensor, Tensor]:
+            return reference_bounds(layers, ref_region(z.double(), eps), method)
+
+        def spec_bounds(z: Tensor, eps, C: Tensor) -> tuple[Tensor, Tensor]:
+            return crown_bounds(layers, ref_region(z.double(), eps), spec=C)
+
+        if method != "ibp":  # IBP re-proves IBP's bounds only
+            run.spec_bounds = spec_bounds
         return run
 
     return make
@@ -717,6 +759,9 @@ class Certifier:
         # IBP first, then the spec's method only for boxes IBP leaves open (same verdicts)
         self.staged = bool(getattr(self._bound_rows, "staged", False)) and options.method != "ibp"
         self._needs_z3 = rule_needs_exact(spec.rule.tree)
+        # per-box linear specifications for the coupled Mahalanobis bound (not under method ibp)
+        self._spec_bounds = getattr(self._bound_rows, "spec_bounds", None) if options.method != "ibp" else None
+        self._forward32_net: nn.Module | None = None
 
     def _plan(self, name, s, score, classifier, n_logits, input_dim, blocks) -> _Request:
         point = self.spec.taps[s.tap]
@@ -780,9 +825,12 @@ class Certifier:
 
     # -- bounds and verdicts
     def score_bounds(self, z: Tensor, eps, values: dict[str, Tensor],
-                     row_bounds: tuple[Tensor, Tensor] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+                     row_bounds: tuple[Tensor, Tensor] | None = None,
+                     refine: bool = True) -> dict[str, tuple[Tensor, Tensor]]:
         """Bounds of every score over the region of each row of ``z`` (float64, padded);
-        ``row_bounds``: the head's row bounds when already computed (unpadded)."""
+        ``row_bounds``: the head's row bounds when already computed (unpadded); ``refine``:
+        the coupled Mahalanobis bound (:meth:`_refine_distances`) for every box, where the
+        backend can bound per-box specifications."""
         n = z.shape[0]
         rows = None
         if self._bound_rows is not None:
@@ -807,6 +855,59 @@ class Certifier:
             else:
                 lo, hi = BOUNDERS[r.kind].bound(self.scores[r.name], rows[0][:, r.rows], rows[1][:, r.rows], r.dim)
             out[r.name] = pad_bounds(lo.double(), hi.double(), absolute=r.abs_pad)
+        if refine and rows is not None:
+            out = self._refine_distances(z, eps, rows, out, torch.arange(n))
+        return out
+
+    def _forward32(self) -> nn.Module:
+        """A float32 copy of the composite (rows of the head), for the nearest-point search."""
+        if self._forward32_net is None:
+            self._forward32_net = copy.deepcopy(self.composite).float()
+        return self._forward32_net
+
+    def _refine_distances(self, z: Tensor, eps, rows: tuple[Tensor, Tensor], out: dict[str, tuple[Tensor, Tensor]],
+                          idx: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """Mahalanobis bounds of boxes ``idx`` that keep the whitened coordinates' coupling
+        (certood.verifiers.quadratic: a Fenchel lower bound and a secant upper bound, each
+        through one CROWN-bounded linear function of the whitened features per class),
+        intersected per class with the interval bound, then the min over classes.
+        ``rows``: the padded row bounds of every box. Sound for any multipliers: the
+        nearest-point search only chooses them."""
+        from certood.verifiers.quadratic import distance_bounds, nearest_points
+        from certood.verifiers.reference import Region as RefRegion
+
+        todo = [r for r in self.requests if r.kind == "mahalanobis" and r.source == "rows"]
+        if self._spec_bounds is None or not todo or not len(idx):
+            return out
+        zi = z[idx].double()
+        e = eps[idx] if isinstance(eps, Tensor) and eps.dim() else eps
+        box = None
+        if self.region.norm == math.inf:
+            ee = e.double().reshape(-1, 1) if isinstance(e, Tensor) else float(e)
+            box = RefRegion(zi, ee, lower=torch.zeros_like(zi) if self.region.nonnegative else None).box()
+        out = dict(out)
+        for r in todo:
+            _, offsets = mahalanobis_whitening(self.scores[r.name])
+            ul, uh = rows[0][idx, r.rows], rows[1][idx, r.rows]
+
+            def spec(Cr: Tensor, sl: slice = r.rows) -> tuple[Tensor, Tensor]:
+                C = Cr.new_zeros(Cr.shape[0], Cr.shape[1], self.n_rows)
+                C[:, :, sl] = Cr
+                return pad_bounds(*self._spec_bounds(zi, e, C), rel=PAD_ROWS)
+
+            u_near = None
+            if box is not None:
+                net = self._forward32()
+                u_near = nearest_points(lambda x, sl=r.rows: net(x)[:, sl], box[0], box[1], offsets)
+            lower, upper = distance_bounds(spec, ul, uh, offsets, u_near)  # [n, C]
+            ilo, ihi = class_distance_intervals(ul, uh, offsets)
+            lo = torch.maximum(lower, ilo).min(dim=1).values
+            hi = torch.minimum(upper, ihi).min(dim=1).values
+            lo, hi = pad_bounds(lo, hi, absolute=r.abs_pad)
+            olo, ohi = (t.clone() for t in out[r.name])
+            olo[idx] = torch.maximum(olo[idx], lo)
+            ohi[idx] = torch.minimum(ohi[idx], hi)
+            out[r.name] = (olo, ohi)
         return out
 
     def bounds(self, z: Tensor, eps, values: dict[str, Tensor], labels: Tensor | None = None,
@@ -824,7 +925,7 @@ class Certifier:
         lo, hi = self._bound_rows(z, eps, method="ibp")
         idx = torch.arange(z.shape[0])
         if staged:
-            r = rule_under_bounds(self.spec.rule.tree, self.score_bounds(z, eps, values, (lo, hi)),
+            r = rule_under_bounds(self.spec.rule.tree, self.score_bounds(z, eps, values, (lo, hi), refine=False),
                                   self.box_thresholds(labels, z.shape[0]))
             idx = (r.may_true & r.may_false).nonzero().flatten()
         if len(idx):
@@ -834,7 +935,14 @@ class Certifier:
             lo[idx] = torch.maximum(lo[idx], clo)
             hi[idx] = torch.minimum(hi[idx], chi)
         self.last_stage_counts = {"ibp": z.shape[0], self.options.method: int(len(idx))}
-        return self.score_bounds(z, eps, values, (lo, hi))
+        out = self.score_bounds(z, eps, values, (lo, hi), refine=False)
+        if self._spec_bounds is not None and len(idx):
+            # the coupled Mahalanobis bound where the rule is still open (same verdicts as for all)
+            r = rule_under_bounds(self.spec.rule.tree, out, self.box_thresholds(labels, z.shape[0]))
+            still = (r.may_true & r.may_false).nonzero().flatten() if staged else idx
+            out = self._refine_distances(z, eps, pad_bounds(lo, hi, rel=PAD_ROWS), out, still)
+            self.last_stage_counts["quadratic"] = int(len(still))
+        return out
 
     def box_thresholds(self, labels: Tensor | None, n: int) -> dict[str, Any]:
         """Thresholds for ``n`` boxes: the global ones, and ``class_key(NAME)`` per box."""

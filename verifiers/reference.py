@@ -149,15 +149,20 @@ def _relax(l: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _backward(layers: list[Layer], pre: dict[int, tuple[Tensor, Tensor]], region: Region,
-              n: int) -> tuple[Tensor, Tensor]:
-    """CROWN bounds of the output of ``layers`` (which must end with a Linear layer)."""
+              n: int, spec: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """CROWN bounds of the output of ``layers`` (which must end with a Linear layer), or of
+    ``spec[n] @ output`` (``spec`` ``[N, K, outputs]``: one specification matrix per row)."""
     Al = Au = None
     bl = bu = None
     for index in range(len(layers) - 1, -1, -1):
         layer = layers[index]
         if layer[0] == "linear":
             W, b = layer[1], layer[2]
-            if Al is None:
+            if Al is None and spec is not None:
+                Al = Au = spec.double() @ W
+                bl = spec.double() @ b
+                bu = bl.clone()
+            elif Al is None:
                 Al = W.unsqueeze(0).expand(n, -1, -1)
                 Au = Al
                 bl = b.unsqueeze(0).expand(n, -1).clone()
@@ -180,8 +185,10 @@ def _backward(layers: list[Layer], pre: dict[int, tuple[Tensor, Tensor]], region
     return lo, hi
 
 
-def crown_bounds(layers: list[Layer], region: Region, stable_from_ibp: bool = True) -> tuple[Tensor, Tensor]:
-    """CROWN bounds (backward linear relaxation, CROWN for intermediate layers too).
+def crown_bounds(layers: list[Layer], region: Region, stable_from_ibp: bool = True,
+                 spec: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """CROWN bounds (backward linear relaxation, CROWN for intermediate layers too) of the
+    output, or of ``spec[n] @ output`` for row ``n`` (``spec`` ``[N, K, outputs]``).
 
     ``stable_from_ibp``: a hidden neuron that interval bounds (from the layer before) prove
     stable keeps those bounds, so its relaxation is exact even where its own CROWN bound
@@ -211,7 +218,7 @@ def crown_bounds(layers: list[Layer], region: Region, stable_from_ibp: bool = Tr
                     stable = (ilo >= 0) | (ihi <= 0)
                     lo, hi = torch.where(stable, ilo, lo), torch.where(stable, ihi, hi)
                 pre[index] = (lo, hi)
-    return _backward(layers, pre, region, n)
+    return _backward(layers, pre, region, n, spec)
 
 
 def reference_bounds(layers: list[Layer], region: Region, method: str = "crown") -> tuple[Tensor, Tensor]:

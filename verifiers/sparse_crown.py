@@ -45,13 +45,14 @@ True
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from certood.errors import CertoodError
 
-__all__ = ["SparseCrown", "supports"]
+__all__ = ["SparseCrown", "CrownState", "supports"]
 
 _UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
 # Subnormal results may be flushed to zero (FTZ/DAZ): each flushed operation loses at most the
@@ -122,6 +123,38 @@ def _sparse_mm(A: Tensor, W: Tensor) -> Tensor:
     return A.index_select(1, cols) @ W.index_select(0, cols)
 
 
+@dataclass
+class CrownState:
+    """Per-box intermediate bounds of :class:`SparseCrown`: pre-activation bounds of every
+    hidden layer (``pre[j]``, ``[N, width]``), the first layer at the box centres and
+    ``|W1| rad``; ``rows``/``macs`` count the work so far."""
+
+    pre: list[tuple[Tensor, Tensor]]
+    centre1: Tensor
+    spread1: Tensor
+    rad: Tensor
+    lower: Tensor | None = None  # the boxes, [N, D]
+    upper: Tensor | None = None
+    rows: int = 0
+    macs: int = 0
+    engine: "SparseCrown | None" = None
+
+    def select(self, idx: Tensor) -> "CrownState":
+        """The state of boxes ``idx`` only (the intermediate bounds are per box)."""
+        return CrownState([(lo[idx], hi[idx]) for lo, hi in self.pre], self.centre1[idx], self.spread1[idx],
+                          self.rad[idx], self.lower[idx], self.upper[idx], engine=self.engine)
+
+    def find(self, lower: Tensor, upper: Tensor) -> Tensor | None:
+        """Indices of boxes ``[lower, upper]`` among this state's boxes (equal bit for bit),
+        or None when one is missing: then the state cannot serve them."""
+        if self.lower is None or lower.shape[1] != self.lower.shape[1]:
+            return None
+        same = ((self.lower.unsqueeze(0) == lower.unsqueeze(1)) & (self.upper.unsqueeze(0) == upper.unsqueeze(1))).all(2)
+        if not bool(same.any(1).all()):
+            return None
+        return same.double().argmax(1)
+
+
 class SparseCrown:
     """CROWN bounds of a Linear/ReLU network over boxes ``[lower, upper]`` (one per row).
 
@@ -149,6 +182,7 @@ class SparseCrown:
         self.W1_abs = W1.abs()
         self.u = _UNIT_ROUNDOFF[gemm_dtype]
         self.stats: dict[str, float] = {}
+        self.last_state: CrownState | None = None
 
     def __call__(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
         lower, upper = self._check(lower, upper)
@@ -157,7 +191,7 @@ class SparseCrown:
             # so this call multiplies in float64 instead (global state is read, never changed)
             exact = SparseCrown(self.layers, torch.float64)
             bounds = exact._bounds(lower, upper)
-            self.stats = exact.stats
+            self.stats, self.last_state = exact.stats, exact.last_state
             return bounds
         return self._bounds(lower, upper)
 
@@ -186,44 +220,88 @@ class SparseCrown:
         return centre1 - spread1, centre1 + spread1, centre1, spread1
 
     def _bounds(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+        state = self._intermediate(lower, upper)
+        self.last_state = state  # for spec_bounds over the same boxes
+        if len(self.weights) == 1:  # one Linear layer: its exact bounds over the box
+            self.stats = {"boxes": lower.shape[0], "rows": 0, "wide_macs": 0}
+            return state.pre[0]
+        W, b = self.weights[-1]
+        lo, hi = (torch.empty(lower.shape[0], W.shape[0], dtype=torch.float64) for _ in range(2))
+        for i in range(lower.shape[0]):  # every output row by CROWN
+            lo[i], hi[i], m = self._backsubstitute(len(self.weights) - 1, W, b, i, state)
+            state.rows += W.shape[0]
+            state.macs += m
+        # rows back-substituted and multiply-adds of the wide products (the bulk of the cost)
+        self.stats = {"boxes": lower.shape[0], "rows": state.rows, "wide_macs": state.macs}
+        return lo, hi
+
+    def prepare(self, lower: Tensor, upper: Tensor) -> "CrownState":
+        """The boxes' intermediate bounds, for :meth:`spec_bounds` (computed once, reused by
+        every specification bounded over the same boxes)."""
+        lower, upper = self._check(lower, upper)
+        if self.gemm_dtype == torch.float32 and not float32_products_are_ieee():
+            return SparseCrown(self.layers, torch.float64).prepare(lower, upper)
+        cached = self.last_state
+        idx = cached.find(lower, upper) if cached is not None else None
+        if idx is not None:  # the same boxes as the last call: its intermediate bounds
+            return cached.select(idx)
+        return self._intermediate(lower, upper)
+
+    def spec_bounds(self, state: "CrownState", C: Tensor) -> tuple[Tensor, Tensor]:
+        """CROWN bounds of ``C[n] @ f(x)`` over box ``n`` of ``state`` (from :meth:`prepare`):
+        one specification matrix per box, ``C`` ``[N, K, outputs]``, float64 ``[N, K]``.
+
+        The same bound as appending ``C[n]`` to the last layer: the rows are back-substituted
+        with the rounding of the wide products accounted for, as every output row is."""
+        engine = state.engine if state.engine is not None else self
+        W, b = engine.weights[-1]
+        C = C.double()
+        if C.dim() != 3 or C.shape[0] != state.centre1.shape[0] or C.shape[2] != W.shape[0]:
+            raise CertoodError(f"spec_bounds: C of shape {tuple(C.shape)} for {state.centre1.shape[0]} boxes "
+                               f"and {W.shape[0]} outputs")
+        if len(engine.weights) == 1:  # C W x + C b over the box, exactly
+            A = C @ W
+            centre = (A @ ((state.lower + state.upper) / 2).unsqueeze(2)).squeeze(2) + C @ b
+            spread = (A.abs() @ state.rad.unsqueeze(2)).squeeze(2)
+            return centre - spread, centre + spread
+        lo, hi = (torch.empty(C.shape[0], C.shape[1], dtype=torch.float64) for _ in range(2))
+        for i in range(C.shape[0]):
+            lo[i], hi[i], _ = engine._backsubstitute(len(engine.weights) - 1, C[i] @ W, C[i] @ b, i, state)
+        return lo, hi
+
+    def _intermediate(self, lower: Tensor, upper: Tensor) -> "CrownState":
+        """Bounds of every hidden pre-activation: IBP from the previous bounds, CROWN for the
+        rows it leaves unstable."""
         rad = (upper - lower) / 2
         l1, u1, centre1, spread1 = self._first(lower, upper)
-        pre = [(l1, u1)]
-        n_rows = macs = 0
-        for k in range(1, len(self.weights)):
+        state = CrownState([(l1, u1)], centre1, spread1, rad, lower, upper, engine=self)
+        for k in range(1, len(self.weights) - 1):
             W, b = self.weights[k]
-            last = k == len(self.weights) - 1
-            if last:  # every row by CROWN
-                lo, hi = (torch.empty(lower.shape[0], W.shape[0], dtype=torch.float64) for _ in range(2))
-            else:  # IBP from the previous bounds: CROWN for the rows it leaves unstable
-                lo, hi = _interval(W, b, pre[-1][0].clamp(min=0), pre[-1][1].clamp(min=0))
+            lo, hi = _interval(W, b, state.pre[-1][0].clamp(min=0), state.pre[-1][1].clamp(min=0))
             for i in range(lower.shape[0]):
-                rows = torch.arange(W.shape[0]) if last else ((lo[i] < 0) & (hi[i] > 0)).nonzero().flatten()
+                rows = ((lo[i] < 0) & (hi[i] > 0)).nonzero().flatten()
                 if not len(rows):
                     continue
-                lo_i, hi_i, m = self._backsubstitute(k, rows, i, pre, centre1[i], rad[i], spread1[i])
+                lo_i, hi_i, m = self._backsubstitute(k, W[rows], b[rows], i, state)
                 lo[i, rows], hi[i, rows] = lo_i, hi_i
-                n_rows += len(rows)
-                macs += m
-            pre.append((lo, hi))
-        # rows back-substituted and multiply-adds of the wide products (the bulk of the cost)
-        self.stats = {"boxes": lower.shape[0], "rows": n_rows, "wide_macs": macs}
-        return pre[-1]
+                state.rows += len(rows)
+                state.macs += m
+            state.pre.append((lo, hi))
+        return state
 
-    def _backsubstitute(self, k: int, rows: Tensor, i: int, pre, centre1: Tensor, rad: Tensor,
-                        spread1: Tensor) -> tuple[Tensor, Tensor, int]:
-        """CROWN bounds of rows ``rows`` of layer ``k``'s pre-activation, box ``i``, and the
-        multiply-adds of the wide products.
+    def _backsubstitute(self, k: int, S: Tensor, b0: Tensor, i: int,
+                        state: "CrownState") -> tuple[Tensor, Tensor, int]:
+        """CROWN bounds of the rows ``S x + b0`` of layer ``k``'s input ``x`` (rows of its
+        weight, or combinations of them), box ``i``, and the multiply-adds of the wide products.
 
         The lower- and upper-bound coefficients are kept as ``S + Dl R`` and ``S + Du R``:
         they differ only through the unstable neurons met on the way (their relaxation depends
         on the sign of the coefficient), so ``R`` has one row per unstable neuron and every
         product with a weight matrix is done once for both bounds."""
-        W, b = self.weights[k]
-        S = W[rows]
-        R = W.new_zeros(0, S.shape[1])
-        Dl = Du = W.new_zeros(len(rows), 0)
-        bl = bu = b[rows]
+        pre, centre1, rad, spread1 = state.pre, state.centre1[i], state.rad[i], state.spread1[i]
+        R = S.new_zeros(0, S.shape[1])
+        Dl = Du = S.new_zeros(S.shape[0], 0)
+        bl = bu = b0
         for j in range(k - 1, -1, -1):
             su, iu, sl = _relax(pre[j][0][i], pre[j][1][i])
             unstable = ((su != sl) | (iu != 0)).nonzero().flatten()
