@@ -6,6 +6,7 @@ Machine formats print only their payload on stdout; logs and progress go to stde
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import traceback
@@ -41,8 +42,15 @@ def _fail(err: Exception, debug: bool) -> None:
     sys.exit(EXIT_RUNTIME)
 
 
+_CLI_PID = os.getpid()
+
+
 def _terminated(signum, frame) -> None:
     """SIGTERM unwinds like Ctrl-C, so staged outputs are removed and the old ones stay."""
+    if os.getpid() != _CLI_PID:  # a forked worker inherited the handler: die as it would have
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     click.echo("terminated", err=True)
     sys.exit(128 + signum)
 
