@@ -11,6 +11,11 @@
 - ``report.html``                    one file, every figure embedded as a base64 PNG, with the
                                      metrics tables.
 
+At most MAX_HISTOGRAMS histograms (the first scores, in the spec's order), MAX_ROC_FIGURES ROC
+figures (the first OOD sets) and MAX_ROC_CURVES curves on one ROC are drawn: each figure costs
+a fraction of a second and a report of hundreds is read by no one (a check with 10,000
+scores spent its time drawing). What is left out is named in ``metrics["issues"]``.
+
 Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas (no pyplot, no display,
 no global backend switch). Each figure is drawn on its own: one that fails is named in
 ``metrics["issues"]`` and the others, and every other output of the check, are still written.
@@ -35,6 +40,9 @@ import torch
 VERDICTS = ("certified_ood", "certified_id", "undecided")
 FLAG_COLOURS = {True: "#d62728", False: "#2ca02c"}  # flagged OOD: red; kept as ID: green
 EXAMPLES_PER_KIND = 4
+MAX_HISTOGRAMS = 16
+MAX_ROC_FIGURES = 16
+MAX_ROC_CURVES = 16
 
 
 @dataclass(frozen=True)
@@ -385,19 +393,37 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "x"
 
 
+def _left_out(what: str, names: list[str], limit: int) -> str | None:
+    """The issue naming what a figure limit left out (None when nothing was).
+
+    >>> _left_out("score histograms", ["a", "b", "c"], 2)
+    'plots: score histograms drawn for the first 2 of 3; not drawn: c'
+    """
+    rest = names[limit:]
+    if not rest:
+        return None
+    shown = ", ".join(rest[:5]) + (f" and {len(rest) - 5:,} more" if len(rest) > 5 else "")
+    return f"plots: {what} drawn for the first {limit} of {len(names):,}; not drawn: {shown}"
+
+
 def _figure_jobs(metrics: Mapping, per_set: Mapping[str, Mapping],
                  image_paths: Callable[[str], Mapping[int, Path]] | None, issues: list[str]):
-    """(Plot, zero-argument function returning a Figure or None) for every figure to draw."""
+    """(Plot, zero-argument function returning a Figure or None) for every figure to draw,
+    within the figure limits (what they leave out is appended to `issues`)."""
     thresholds = (metrics.get("monitor") or {}).get("thresholds") or {}
     id_part = per_set.get("id_test")
     ood_parts = {n.split("/", 1)[1]: p for n, p in per_set.items() if n.startswith("ood/")}
     score_names = list(thresholds) or sorted({k for p in per_set.values() for k in p["values"]})
+    curve_names = score_names[:MAX_ROC_CURVES]
+    issues.extend(m for m in (_left_out("ROC figures (OOD sets)", list(ood_parts), MAX_ROC_FIGURES),
+                              _left_out("ROC curves (scores)", score_names, MAX_ROC_CURVES),
+                              _left_out("score histograms", score_names, MAX_HISTOGRAMS)) if m)
     jobs = []
-    for set_name, part in ood_parts.items():
+    for set_name, part in list(ood_parts.items())[:MAX_ROC_FIGURES]:
         # box protocol: against the ID test boxes; gt_matched: the set's own ID-matched boxes
         within = "id_values" in part
         id_values = part["id_values"] if within else (id_part["values"] if id_part is not None else None)
-        if not len(part["dets"]) or id_values is None or not all(len(id_values[k]) for k in score_names):
+        if not len(part["dets"]) or id_values is None or not all(len(id_values[k]) for k in curve_names):
             continue
         aurocs = {k: m["auroc"] for k, m in ((metrics.get("ood") or {}).get(set_name, {})
                                               .get("scores", {})).items()}
@@ -406,8 +432,8 @@ def _figure_jobs(metrics: Mapping, per_set: Mapping[str, Mapping],
         jobs.append((Plot(f"plots/roc_{_slug(set_name)}.png", title,
                           "Box level; a curve per score, OOD boxes positive."),
                      lambda s=set_name, i=id_values, p=part, a=aurocs: roc_figure(
-                         s, {k: i[k] for k in score_names}, {k: p["values"][k] for k in score_names}, a)))
-    for name in score_names:
+                         s, {k: i[k] for k in curve_names}, {k: p["values"][k] for k in curve_names}, a)))
+    for name in score_names[:MAX_HISTOGRAMS]:
         jobs.append((Plot(f"plots/hist_{_slug(name)}.png", f"Score histogram: {name}",
                           "ID test vs each OOD set; dashed: the threshold calibrated on ID boxes."),
                      lambda n=name: histogram_figure(

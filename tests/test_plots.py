@@ -184,3 +184,37 @@ def test_a_gt_matched_sets_roc_is_drawn_within_the_set(per_set, metrics, monkeyp
     assert titles["plots/roc_near.png"] == "ROC: ID test vs OOD near"
     assert torch.equal(drawn["mixed"]["energy"], mixed["id_values"]["energy"])
     assert torch.equal(drawn["near"]["energy"], per_set["id_test"]["values"]["energy"])
+
+
+def test_figures_are_capped_and_what_is_left_out_is_named(tmp_path, monkeypatch):
+    """10,000 scores drew 10,000 histograms (a check ran for hours): at most MAX_HISTOGRAMS
+    histograms, MAX_ROC_FIGURES ROC figures of at most MAX_ROC_CURVES curves are drawn."""
+    g = torch.Generator().manual_seed(1)
+    n_scores, n_sets = 40, 20
+    names = [f"s{i}" for i in range(n_scores)]
+    per_set = {}
+    for i, name in enumerate(["id_test"] + [f"ood/o{j}" for j in range(n_sets)]):
+        values = {k: torch.randn(10, generator=g) for k in names}
+        per_set[name] = {"dets": _dets(name, 2, 5, i), "values": values, "flags": values["s0"] > 1.0}
+    metrics = {"monitor": {"thresholds": {k: 1.0 for k in names}}, "issues": []}
+    drawn = {"roc": [], "hist": []}
+    monkeypatch.setattr(plots, "roc_figure", lambda s, i, o, a: drawn["roc"].append((s, list(i))))
+    monkeypatch.setattr(plots, "histogram_figure", lambda n, i, o, t: drawn["hist"].append(n))
+    for _, make in plots._figure_jobs(metrics, per_set, None, metrics["issues"]):
+        make()
+    assert drawn["hist"] == names[:plots.MAX_HISTOGRAMS]
+    assert [s for s, _ in drawn["roc"]] == [f"o{j}" for j in range(plots.MAX_ROC_FIGURES)]
+    assert all(curves == names[:plots.MAX_ROC_CURVES] for _, curves in drawn["roc"])
+    assert metrics["issues"] == [
+        f"plots: ROC figures (OOD sets) drawn for the first 16 of {n_sets}; not drawn: o16, o17, o18, o19",
+        f"plots: ROC curves (scores) drawn for the first 16 of {n_scores}; not drawn: s16, s17, s18, s19, s20 "
+        f"and 19 more",
+        f"plots: score histograms drawn for the first 16 of {n_scores}; not drawn: s16, s17, s18, s19, s20 "
+        f"and 19 more",
+    ]
+
+
+def test_plot_helpers_doctests():
+    import doctest
+
+    assert doctest.testmod(plots).failed == 0
