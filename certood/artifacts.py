@@ -79,7 +79,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a written output is the user's
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600; a written output is the user's
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -251,6 +252,14 @@ def _pid_alive(pid: object) -> bool:
     return True
 
 
+def _age_hours(created: object) -> float:
+    try:
+        then = datetime.fromisoformat(str(created))
+    except ValueError:
+        return math.inf
+    return (datetime.now(timezone.utc) - then).total_seconds() / 3600
+
+
 def _is_our_leftover(path: Path) -> bool:
     """A staging or set-aside directory of an earlier certood run that is no longer running:
     recognised by its name (checked by the caller) and by a marker of ours inside."""
@@ -258,8 +267,9 @@ def _is_our_leftover(path: Path) -> bool:
         return False
     marker = _read_small_json(path / STAGING_MARKER)
     if isinstance(marker, dict) and marker.get("format") == STAGING_FORMAT:
-        same_host = marker.get("host") == socket.gethostname()
-        return not (same_host and marker.get("pid") != os.getpid() and _pid_alive(marker.get("pid")))
+        if marker.get("host") != socket.gethostname():  # a shared file system: that run may be alive
+            return _age_hours(marker.get("created")) > 24
+        return not (marker.get("pid") != os.getpid() and _pid_alive(marker.get("pid")))
     # the moments between the marker's removal and the swap, or after a swap (the old directory)
     return read_results_marker(path) is not None or is_monitor_dir(path) or foreign_results_entries(path) == []
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+from datetime import datetime, timezone
 from dataclasses import replace
 from pathlib import Path
 
@@ -203,12 +205,21 @@ def test_a_rerun_removes_the_staging_leftovers_of_killed_runs_and_nothing_else(c
     dead = tmp_path / ".monitor.certood-staging.abc123"  # a killed run: marker, pid gone
     dead.mkdir()
     (dead / artifacts.STAGING_MARKER).write_text(json.dumps(
-        {"format": "certood-staging", "pid": 2 ** 22 + 12345, "host": __import__("socket").gethostname()}))
+        {"format": "certood-staging", "pid": 2 ** 22 + 12345, "host": socket.gethostname()}))
     (dead / "scores.safetensors").write_bytes(b"half")
     alive = tmp_path / ".monitor.certood-staging.def456"  # a concurrent run (this process): kept
     alive.mkdir()
     (alive / artifacts.STAGING_MARKER).write_text(json.dumps(
-        {"format": "certood-staging", "pid": os.getppid(), "host": __import__("socket").gethostname()}))
+        {"format": "certood-staging", "pid": os.getppid(), "host": socket.gethostname()}))
+    elsewhere = tmp_path / ".monitor.certood-staging.ghi789"  # another host's run, started now: kept
+    elsewhere.mkdir()
+    (elsewhere / artifacts.STAGING_MARKER).write_text(json.dumps(
+        {"format": "certood-staging", "pid": 1, "host": "another-host",
+         "created": datetime.now(timezone.utc).isoformat()}))
+    stale = tmp_path / ".monitor.certood-staging.jkl012"  # another host's, days old: taken
+    stale.mkdir()
+    (stale / artifacts.STAGING_MARKER).write_text(json.dumps(
+        {"format": "certood-staging", "pid": 1, "host": "another-host", "created": "2020-01-01T00:00:00+00:00"}))
     lookalike = tmp_path / ".monitor.certood-staging.user"  # the name, but no marker: not ours
     lookalike.mkdir()
     (lookalike / "keep.txt").write_text("x")
@@ -218,7 +229,7 @@ def test_a_rerun_removes_the_staging_leftovers_of_killed_runs_and_nothing_else(c
     save_monitor(monitor, user_backup)
     save_monitor(monitor, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["monitor", alive.name, lookalike.name, user_backup.name])
+        ["monitor", alive.name, elsewhere.name, lookalike.name, user_backup.name])
     assert (lookalike / "keep.txt").read_text() == "x"
 
 
