@@ -524,14 +524,29 @@ def write_monitor_files(monitor, directory: Path) -> None:
     atomic_write_json(directory / "manifest.json", manifest)
 
 
+MAX_MANIFEST_BYTES = 64 << 20  # per-class tables and calibration records of large label sets fit
+MAX_SCORES_BYTES = 16 << 30  # fitted tensors: a kNN bank or per-class precisions of a large detector
+
+
+def read_artifact_file(path: Path, max_bytes: int, what: str) -> bytes:
+    """A monitor file's bytes: a regular file of at most ``max_bytes`` (a FIFO or a device
+    never blocks or streams), else an ArtifactError naming it (exit 3)."""
+    from certood.spec.files import UnreadableFile, read_regular_file
+
+    try:
+        return read_regular_file(path, max_bytes, what)
+    except UnreadableFile as e:
+        raise ArtifactError(str(e)) from None
+
+
 def read_manifest(monitor_dir: Path) -> dict:
     path = Path(monitor_dir) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         raise ArtifactError(f"{monitor_dir}: not a monitor directory (no manifest.json); "
-                            "create one with `certood calibrate SPEC -o DIR`") from None
-    except (OSError, ValueError) as e:
+                            "create one with `certood calibrate SPEC -o DIR`")
+    try:
+        manifest = json.loads(read_artifact_file(path, MAX_MANIFEST_BYTES, "monitor manifest").decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError too
         raise ArtifactError(f"{path}: unreadable manifest ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path}: expected format {FORMAT!r}, found {manifest.get('format')!r}"
@@ -660,10 +675,7 @@ def load_monitor(monitor_dir: Path, spec: Spec, detector_sha256: str, head=None,
             f"{manifest['detector_sha256'][:12]}, these weights {detector_sha256[:12]}); recalibrate")
     check_manifest_fits(monitor_dir, manifest, spec, num_classes)
     scores_path = Path(monitor_dir) / "scores.safetensors"
-    try:
-        blob = scores_path.read_bytes()
-    except OSError as e:
-        raise ArtifactError(f"{scores_path}: unreadable ({e})") from None
+    blob = read_artifact_file(scores_path, MAX_SCORES_BYTES, "monitor tensor file")
     if hashlib.sha256(blob).hexdigest() != manifest["scores_sha256"]:
         raise ArtifactError(f"{scores_path}: does not belong to this manifest (sha256 differs); "
                             "recalibrate")

@@ -452,3 +452,13 @@ def test_an_output_given_as_dot_is_staged_beside_it_not_inside(tmp_path, monkeyp
         assert staged.path.parent == tmp_path and staged.target == work
     with pytest.raises(UsageError, match="root"):
         artifacts.stage_results(Path("/"))
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "scores.safetensors"])
+def test_a_monitor_file_that_is_not_a_regular_file_is_refused_without_blocking(calibrated, saved, name):
+    spec, detector, _, _ = calibrated
+    (saved / name).unlink()
+    os.mkfifo(saved / name)  # open() of a FIFO blocks until a writer comes: never opened for reading
+    with pytest.raises(ArtifactError, match=re.escape(f"{saved / name}: expected a readable monitor")) as err:
+        load_monitor(saved, spec, detector.weights_sha256)
+    assert "FIFO" in str(err.value)
