@@ -155,7 +155,8 @@ def _limits() -> str:
     from certood.spec.v1 import MAX_SCORES
 
     return (f"A spec, an `extends:` target and a `certood gate --policy` file must be regular files (not a "
-            f"FIFO, a device or a directory) of at most {size_text(MAX_SPEC_BYTES)}, with at most "
+            f"FIFO, a device or a directory) of at most {size_text(MAX_SPEC_BYTES)} (a spec and the files it "
+            f"extends: {size_text(MAX_SPEC_BYTES)} in all), with at most "
             f"{MAX_VALUES:,} keys and values and {MAX_DEPTH} levels of nesting; a spec has at most {MAX_SCORES} "
             f"scores. Past a limit the file is refused with one located error. A report lists the first "
             f"{MAX_ISSUES} issues of a file and counts the rest.")

@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 
 from certood.errors import SpecIssue
-from certood.spec.files import UnreadableFile, read_spec_bytes
+from certood.spec.files import MAX_SPEC_BYTES, UnreadableFile, read_spec_bytes, size_text
 from certood.spec.schema import List, Map, Record, Tagged
 from certood.spec.source import Document, KeyPath, describe, read_yaml
 
@@ -47,10 +47,13 @@ def read_spec_document(text: str | bytes, filename: str, base_dir: Path,
     by the name issues give it. `real_path`: the spec's own file, for cycle detection."""
     doc = read_yaml(text, filename)
     chain = ((os.path.realpath(real_path),) if real_path else (), (filename,))
-    return _resolve(doc, filename, Path(base_dir), chain)
+    return _resolve(doc, filename, Path(base_dir), chain, MAX_SPEC_BYTES - len(text))
 
 
-def _resolve(doc: Document, filename: str, base_dir: Path, chain) -> tuple[Document, dict[str, Path]]:
+def _resolve(doc: Document, filename: str, base_dir: Path, chain,
+             budget: int) -> tuple[Document, dict[str, Path]]:
+    """`budget`: bytes the files still to read may hold, so that a spec and every file it
+    extends are read within the limit of one spec file (16 parents of 1 MiB would cost 16)."""
     if not isinstance(doc.value, dict) or EXTENDS not in doc.value:
         return doc, {}
     real_chain, shown_chain = chain
@@ -76,6 +79,9 @@ def _resolve(doc: Document, filename: str, base_dir: Path, chain) -> tuple[Docum
     except UnreadableFile as e:  # missing, a directory, a FIFO, a device, too large, ...
         return fail("a readable spec file to extend", f"'{ref}': {e.reason}",
                     e.hint or ("the path is relative to this file" if not os.path.isabs(ref) else ""))
+    if len(data) > budget:
+        return fail(f"a spec and the files it extends of at most {size_text(MAX_SPEC_BYTES)} in all",
+                    f"'{ref}': {len(data):,} bytes, after {MAX_SPEC_BYTES - budget:,} read before it")
     parent = read_yaml(data, shown)
     if parent.value is None:  # not a spec at all: said here, without the parent's issues (they quote it)
         return fail("a spec file (a YAML mapping) to extend", f"'{ref}', which is {parent.unusable}",
@@ -83,7 +89,8 @@ def _resolve(doc: Document, filename: str, base_dir: Path, chain) -> tuple[Docum
     parent.values = {p: dataclasses.replace(v, file=shown) for p, v in parent.values.items()}
     parent.keys = {p: dataclasses.replace(v, file=shown) for p, v in parent.keys.items()}
     if parent.value is not None:
-        parent, dirs = _resolve(parent, shown, target.parent, (real_chain + (real,), shown_chain + (shown,)))
+        parent, dirs = _resolve(parent, shown, target.parent, (real_chain + (real,), shown_chain + (shown,)),
+                                budget - len(data))
     if parent.value is None:
         return Document(None, issues=doc.issues + parent.issues), {}
     dirs[shown] = target.parent

@@ -331,3 +331,17 @@ def test_validate_dev_zero_in_a_subprocess_exits_2_without_a_traceback():
 def test_doctests_of_the_file_reader():
     assert doctest.testmod(files_module).failed == 0
     assert read_spec_bytes.__doc__ and MAX_SPEC_BYTES == 1 << 20
+
+
+def test_a_chain_of_extends_is_read_within_the_limit_of_one_file(tmp_path):
+    """16 parents of nearly 1 MiB each would cost 16 times the parse of one file."""
+    filler = "# " + "x" * (MAX_SPEC_BYTES // 2) + "\n"
+    for i in range(3):
+        (tmp_path / f"p{i}.yaml").write_text(f"extends: p{i + 1}.yaml\n" + filler)
+    (tmp_path / "p3.yaml").write_text(DEMO)
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: p0.yaml\n")
+    (issue,) = finishes(lambda: check_spec_file(child))
+    assert (Path(issue.file).name, issue.line, issue.column, issue.key_path) == ("p0.yaml", 1, 10, "extends")
+    assert issue.expected == "a spec and the files it extends of at most 1 MiB in all"
+    assert issue.found.startswith("'p1.yaml': 524,")  # the second half-MiB parent
