@@ -245,6 +245,21 @@ def detector_threshold(spec: Spec, cal: DatasetDetections, cal_set: CocoDataset,
     return f1_optimal_threshold(cal.det_scores.numpy(), is_tp.numpy(), n_gt)
 
 
+def plumbing_notes(cal: DatasetDetections, fit: DatasetDetections, det_threshold: float) -> list[str]:
+    """Why a calibration measures the plumbing and not the detector (empty when it does measure
+    it): no calibration box at the detector threshold, or no fit box on a ground-truth object.
+    Such a run goes on when its scores and thresholds need none (an untrained or random
+    detector in a pipeline test), and its summary says so."""
+    notes = []
+    if len(cal) == 0:
+        notes.append(f"the detector found no box at detector score >= {det_threshold:g} on the "
+                     f"{cal.n_images} calibration images")
+    if len(fit) == 0:
+        notes.append(f"no detection of the fit set ({fit.n_images} images) overlaps a ground-truth object "
+                     "(no true positive): no score was fitted")
+    return notes
+
+
 def detector_extras(score: Score, detector) -> dict:
     """What a score needs from the detector itself: the classifier, or the head as code."""
     extras = {}
@@ -280,14 +295,22 @@ def calibrate(spec: Spec, detector: Detector, num_classes: int, progress: Progre
     fit_labels = match_dataset(fit, fit_set, label_to_category, same_class=False)
     fit = fit.select(fit_labels >= 0)
     fit_labels = fit_labels[fit_labels >= 0] - 1  # contiguous 0..C-2 for class-conditional scores
-    if len(fit) == 0:
-        raise DataError(f"{fit_set.source}: no detection overlaps a ground-truth object; cannot fit scores")
+    built = {name: build_score(s.kind, s.params) for name, s in spec.scores.items() if not is_fusion(spec, name)}
+    fitted = [name for name, score in built.items()
+              if score.needs_fit or score.needs_classifier or score.needs_head] + \
+        [name for name in spec.scores if is_fusion(spec, name)]
+    plumbing = plumbing_notes(cal, fit, det_threshold)
+    if len(cal) == 0 and spec.threshold.method == "tpr":
+        raise DataError(f"{cal_set.source}: the detector found no box at detector score >= {det_threshold:g} "
+                        f"on {cal.n_images} images; thresholds at an ID TPR need calibration boxes (a plumbing "
+                        "run: set threshold: {fixed: {...}})")
+    if len(fit) == 0 and fitted:  # scores that need no fitting run on a detector that finds nothing yet
+        raise DataError(f"{fit_set.source}: no detection overlaps a ground-truth object; cannot fit scores "
+                        f"{', '.join(fitted)} (a plumbing run: fix threshold.detector_score and use scores "
+                        "that need no fitting, e.g. energy, msp, max_logit)")
 
     scores = {}
-    for name, s in spec.scores.items():  # fusions after the scores they combine
-        if is_fusion(spec, name):
-            continue
-        score = build_score(s.kind, s.params)
+    for name, score in built.items():  # fusions after the scores they combine
         extras = detector_extras(score, detector)
         if score.needs_fit or extras:
             score.fit(score_input(spec, name, fit), fit_labels, **extras)
@@ -308,7 +331,7 @@ def calibrate(spec: Spec, detector: Detector, num_classes: int, progress: Progre
                      "fit_boxes": len(fit), "fit_images": fit.n_images,
                      "calibration_issues": [m for name, ds in datasets.items() if name.startswith(CALIBRATION_SETS)
                                             for m in ds.named_issues()],
-                     "threshold": thresholds.record},
+                     "threshold": thresholds.record, **({"plumbing": plumbing} if plumbing else {})},
         class_thresholds=thresholds.per_class)
     if spec.temporal is not None:  # track thresholds, on the calibration videos
         from certood.temporal import calibrate_temporal

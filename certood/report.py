@@ -29,6 +29,8 @@ def summary_text(metrics: dict) -> str:
     out.append(f"detector threshold {mon['detector_threshold']:.3f} (calibration), "
                f"score thresholds at {_threshold_method(mon)}: "
                + ", ".join(f"{k}={v:.3f}" for k, v in mon["thresholds"].items()))
+    if mon.get("plumbing"):  # certood.monitor.plumbing_notes: the numbers below test the pipeline only
+        out.append("plumbing run: " + "; ".join(mon["plumbing"]))
     id_test = metrics.get("id_test")
     if id_test:
         out.append(f"ID test: mAP {id_test['map']:.3f}, mAP50 {id_test['map50']:.3f} "
