@@ -16,10 +16,17 @@ canvases) under the ground-truth-matched protocol (certood.check):
   evaluated sets (best of ``--timing-repeats``) divided by the detector's time on those images,
   measured in the same run; ODIN, GradNorm and MC dropout (several passes or gradients) are
   reported on their own, the single-pass scores also as a sum;
-- the enhancement (``fusion`` of energy, the RoI residual and box-jitter consistency,
-  certood.scores.fusion, chosen on ID-only proxies by benchmarks/select_fusion.py) against the
-  best other score of each set (certood's own fusions excluded): separate intervals and a
-  paired bootstrap of the difference.
+- a **worst-set** summary: each score's minimum AUROC over the OOD sets, the table ranked by it
+  (a score that is good on one kind of OOD only is not ranked by its best set);
+- the enhancement (``fusion``, certood.scores.fusion, its components and combination chosen on
+  ID-only proxies by benchmarks/select_fusion_families.py) against the best **published** score
+  of each set (certood's own scores, PUBLISHED below, are left out of that comparison; the
+  fusion's components are reported apart): separate intervals and a paired bootstrap of the
+  difference.
+
+Extra OOD sets: ``--ood NAME=ANNOTATIONS:IMAGES`` (repeatable) adds a user's COCO-format OOD set
+to the default DigitsDet sets as well (box-level protocol, or ``--gt-matched NAME``), e.g. held-out
+objects rendered in DigitsDet's canvas style.
 
 Features are extracted once per data set (``certood.monitor.calibrate`` for fit and calibration
 data, ``certood.extract.extract_detections`` for the rest) and every score is fitted and
@@ -59,11 +66,13 @@ from certood.scores import SCORE_CLASSES
 from certood.spec import load_spec_text
 
 REPO = Path(__file__).resolve().parent.parent
-# The enhancement: the fusion chosen on ID-only proxies (benchmarks/select_fusion.py, round 2:
-# results/fusion_selection.md); certood's own fusions are left out of "the best other score".
+# The enhancement: the fusion chosen on ID-only proxies by its worst family
+# (benchmarks/select_fusion_families.py: results/fusion_families.md).
 FUSION = "fusion"
 FUSION_OF = ["energy", "residual", "jitter_kl"]
-OWN_FUSIONS = ("fusion", "pvalue_fusion")
+FUSION_COMBINE = "fisher"
+# certood's own scores (new here, not published): left out of "the best published score"
+OWN_KINDS = ("fusion", "pvalue_fusion", "residual", "jitter_kl")
 # several passes or a gradient: cost reported alone (jitter_kl: 8 more box-head passes per box;
 # the fusion reads it)
 MULTI_PASS = ("odin", "gradnorm", "mc_dropout", "jitter_kl", FUSION)
@@ -72,21 +81,26 @@ LOGIT_KINDS = ("energy", "msp", "max_logit", "entropy", "fusion")  # read cls_lo
 JITTER_KINDS = ("jitter_kl",)  # read box_jitter.logits
 TAPS = {"roi": "box_head.input", "penultimate": "box_head.output", "logits": "cls_logits",
         "jitter": "box_jitter.logits"}
-# Extra rows beside one row per kind (default parameters): the fusion's ablations.
+# Extra rows beside one row per kind (default parameters): the fusion's ablations, and
+# components of the fusion read at another tap than their kind's (ROW_TAPS).
 VARIANTS = {"pvalue_fusion_pooled": ("pvalue_fusion", {"class_conditional": False})}
+ROW_TAPS: dict[str, str] = {}
 METRICS = ("auroc", "aupr_in", "fpr95")
 LABELS = {"auroc": "AUROC", "aupr_in": "AUPR-In", "fpr95": "FPR95"}
 
 
 def score_rows(roi_channels: int, residual_dim: int = 64) -> dict[str, tuple[str, dict]]:
     """Table row name -> (score kind, parameters): every registered kind, then the variants."""
-    params = {"particul": {"channels": roi_channels}, "residual": {"dim": residual_dim}, FUSION: {"of": FUSION_OF}}
+    params = {"particul": {"channels": roi_channels}, "residual": {"dim": residual_dim},
+              FUSION: {"of": FUSION_OF, "combine": FUSION_COMBINE}}
     rows = {kind: (kind, params.get(kind, {})) for kind in sorted(SCORE_CLASSES)}
     rows.update(VARIANTS)
     return rows
 
 
-def tap_of(kind: str) -> str:
+def tap_of(kind: str, row: str | None = None) -> str:
+    if row in ROW_TAPS:
+        return ROW_TAPS[row]
     if kind in JITTER_KINDS:
         return "jitter"
     return "roi" if kind in ROI_KINDS else "logits" if kind in LOGIT_KINDS else "penultimate"
@@ -96,7 +110,8 @@ def build_spec(detector: dict, data: dict, rows: dict[str, tuple[str, dict]], de
     """A certood spec (as data) holding every score row; validated like any user spec."""
     spec = {"version": 1, "detector": detector, "data": data,
             "taps": TAPS,
-            "scores": {name: {"kind": kind, "tap": tap_of(kind), **params} for name, (kind, params) in rows.items()},
+            "scores": {name: {"kind": kind, "tap": tap_of(kind, name), **params}
+                       for name, (kind, params) in rows.items()},
             "threshold": {"tpr": 0.95, "detector_score": detector_score}}
     return load_spec_text(json.dumps(spec), filename="<ood_table>")
 
@@ -196,11 +211,35 @@ def set_summary(name: str, part: dict) -> dict:
     return out
 
 
-def compare_fusion(results: dict, getters: dict, n_boot: int) -> dict:
-    """Per set: the fusion against the best other score (by AUROC, then by FPR95)."""
+def is_published(row: str, kinds: dict[str, str]) -> bool:
+    """Whether a table row is a published score (not one of certood's own kinds)."""
+    return kinds.get(row, row) not in OWN_KINDS
+
+
+def worst_set(results: dict, metric: str = "auroc") -> dict:
+    """Per score: its minimum ``metric`` over the OOD sets it was measured on, and that set;
+    ranked best first (ties: by name).
+
+    >>> worst_set({"a": {"x": {"auroc": 0.9}, "y": {"auroc": 0.7}}, "b": {"x": {"auroc": 0.8}}})
+    {'x': {'worst': 0.8, 'worst_set': 'b', 'rank': 1}, 'y': {'worst': 0.7, 'worst_set': 'a', 'rank': 2}}
+    """
+    scores = sorted({k for per_score in results.values() for k in per_score})
+    worst = {}
+    for k in scores:
+        by_set = {s: per_score[k][metric] for s, per_score in results.items() if k in per_score}
+        name = min(by_set, key=by_set.get)
+        worst[k] = {"worst": by_set[name], "worst_set": name}
+    ranked = sorted(scores, key=lambda k: (-worst[k]["worst"], k))
+    return {k: {**worst[k], "rank": i + 1} for i, k in enumerate(ranked)}
+
+
+def compare_fusion(results: dict, getters: dict, n_boot: int, kinds: dict[str, str] | None = None) -> dict:
+    """Per set: the fusion against the best published score (by AUROC, then by FPR95); the
+    fusion's own components, published or not, are listed apart with their AUROC."""
+    kinds = kinds or {}
     out = {}
     for set_name, per_score in results.items():
-        others = {k: v for k, v in per_score.items() if not k.startswith(OWN_FUSIONS)}
+        others = {k: v for k, v in per_score.items() if is_published(k, kinds)}
         if FUSION not in per_score or not others:
             continue
         entry = {}
@@ -219,18 +258,22 @@ def compare_fusion(results: dict, getters: dict, n_boot: int) -> dict:
             entry[metric] = {"best_other": best, "best_other_value": b[metric], "fusion_value": f[metric],
                              "fusion_ci": ci_f, "best_other_ci": ci_b, "cis_disjoint_in_favour": bool(separated),
                              "paired_diff_ci": list(diff), "paired_better": bool(paired_better)}
+        entry["components"] = {c: per_score[c]["auroc"] for c in FUSION_OF if c in per_score}
         out[set_name] = entry
     return out
 
 
-def fusion_verdict(fusion: dict, sets: tuple[str, ...] = ("near", "far")) -> dict:
-    """Whether the fusion beats the best other score on every one of ``sets`` (AUROC)."""
-    present = [s for s in sets if s in fusion] or list(fusion)
+def fusion_verdict(fusion: dict, worst: dict | None = None) -> dict:
+    """Whether the fusion beats the best published score on every OOD set (AUROC: disjoint
+    intervals; paired interval above 0), and whether it has the highest worst-set AUROC."""
+    present = list(fusion)
+    worst = worst or {}
     return {"sets": present,
-            "disjoint_auroc_near_and_far": bool(present) and all(
+            "disjoint_auroc_every_set": bool(present) and all(
                 fusion[s]["auroc"]["cis_disjoint_in_favour"] for s in present),
-            "paired_auroc_near_and_far": bool(present) and all(fusion[s]["auroc"]["paired_better"] for s in present),
-            "paired_auroc_by_set": {s: "yes" if e["auroc"]["paired_better"] else "no" for s, e in fusion.items()}}
+            "paired_auroc_every_set": bool(present) and all(fusion[s]["auroc"]["paired_better"] for s in present),
+            "paired_auroc_by_set": {s: "yes" if e["auroc"]["paired_better"] else "no" for s, e in fusion.items()},
+            "worst_set_rank": worst.get(FUSION, {}).get("rank")}
 
 
 def costs(parts: dict) -> dict:
@@ -279,6 +322,21 @@ def render_markdown(record: dict) -> str:
         cov = "-" if s["object_coverage"] is None else f"{s['object_coverage']:.2f}"
         lines.append(f"| {name} | {s['protocol']} | {s['n_images']} | {s['n_boxes']} | {s['boxes_per_image']:.2f} | "
                      f"{cov} | {c.get('id_matched', '-')} | {c.get('ood_matched', '-')} | {c.get('unmatched', '-')} |")
+    worst, ood_sets = record.get("worst_set") or {}, list(record["results"])
+    if worst:
+        kinds = {k: v["kind"] for k, v in record["scores"].items()}
+        lines += ["", "## Every score ranked by its worst OOD set (AUROC)", "",
+                  "Worst set: the score's minimum AUROC over the OOD sets. *own*: certood's own scores (not "
+                  "published; left out of the enhancement's \"best published\" comparison).", "",
+                  "| rank | score | " + " | ".join(ood_sets) + " | worst | worst set |",
+                  "|---|---|" + "---|" * len(ood_sets) + "---|---|"]
+        for score in sorted(worst, key=lambda k: worst[k]["rank"]):
+            cells = " | ".join(f"{record['results'][s][score]['auroc']:.3f}" if score in record["results"][s] else "-"
+                               for s in ood_sets)
+            mark = "**" if score == FUSION else ""
+            own = "" if is_published(score, kinds) else " *own*"
+            lines.append(f"| {worst[score]['rank']} | {mark}{score}{mark}{own} | {cells} | "
+                         f"{mark}{worst[score]['worst']:.3f}{mark} | {worst[score]['worst_set']} |")
     for set_name, per_score in record["results"].items():
         proto = record["sets"][set_name]["protocol"]
         what = ("ID test boxes vs this set's boxes" if proto == "box"
@@ -302,22 +360,33 @@ def render_markdown(record: dict) -> str:
               "Several passes / gradients, reported alone: "
               + ", ".join(f"{k} {100 * v:.2f}%" for k, v in c["multi_pass"].items()) + ".", ""]
     if record.get("fusion"):
-        lines += [f"## The enhancement ({FUSION} of {', '.join(FUSION_OF)}) vs the best other score", "",
-                  "| set | metric | best other | its value [CI] | fusion [CI] | CIs disjoint, fusion better | "
+        lines += [f"## The enhancement ({FUSION} of {', '.join(FUSION_OF)}, combine {FUSION_COMBINE}) vs the best "
+                  "published score", "",
+                  "| set | metric | best published | its value [CI] | fusion [CI] | CIs disjoint, fusion better | "
                   "paired diff (fusion - other) [CI] |", "|---|---|---|---|---|---|---|"]
         for set_name, e in record["fusion"].items():
             for metric, d in e.items():
+                if metric == "components":
+                    continue
                 lines.append(f"| {set_name} | {LABELS[metric]} | {d['best_other']} | "
                              f"{_ci(d['best_other_value'], d['best_other_ci'])} | "
                              f"{_ci(d['fusion_value'], d['fusion_ci'])} | {'yes' if d['cis_disjoint_in_favour'] else 'no'} | "
                              f"{d['fusion_value'] - d['best_other_value']:+.3f} [{d['paired_diff_ci'][0]:+.3f}, "
                              f"{d['paired_diff_ci'][1]:+.3f}] |")
+        comp = [c for c in FUSION_OF if any(c in e["components"] for e in record["fusion"].values())]
+        if comp:
+            lines += ["", "The fusion's components alone (AUROC), reported apart:", "",
+                      "| set | " + " | ".join(comp) + " | fusion |", "|---|" + "---|" * (len(comp) + 1)]
+            for set_name, e in record["fusion"].items():
+                lines.append(f"| {set_name} | " + " | ".join(f"{e['components'].get(c, float('nan')):.3f}" for c in comp)
+                             + f" | {e['auroc']['fusion_value']:.3f} |")
         v = record["fusion_verdict"]
-        lines += ["", f"Beats the best other score on both near and far OOD with disjoint 95% intervals "
-                      f"(AUROC): **{'yes' if v['disjoint_auroc_near_and_far'] else 'no'}**; with a paired "
+        lines += ["", f"Beats the best published score on every OOD set with disjoint 95% intervals "
+                      f"(AUROC): **{'yes' if v['disjoint_auroc_every_set'] else 'no'}**; with a paired "
                       f"interval of the AUROC difference above 0: "
-                      f"**{'yes' if v['paired_auroc_near_and_far'] else 'no'}** "
-                      f"(per set: {', '.join(f'{k} {x}' for k, x in v['paired_auroc_by_set'].items())}).", ""]
+                      f"**{'yes' if v['paired_auroc_every_set'] else 'no'}** "
+                      f"(per set: {', '.join(f'{k} {x}' for k, x in v['paired_auroc_by_set'].items())}). "
+                      f"Rank by worst-set AUROC: **{v['worst_set_rank']}** of {len(worst)}.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -340,7 +409,7 @@ def parse_args(argv):
     p.add_argument("--id-annotations", type=Path)
     p.add_argument("--id-images", type=Path)
     p.add_argument("--ood", action="append", default=[], metavar="NAME=ANN:IMAGES",
-                   help="an OOD set (repeatable); default: DigitsDet near, far, mixed")
+                   help="an OOD set (repeatable); with DigitsDet: added to its near, far and mixed sets")
     p.add_argument("--gt-matched", action="append", default=[], metavar="NAME",
                    help="evaluate OOD set NAME under the ground-truth-matched protocol")
     p.add_argument("--fit-images-max", type=int, default=600, help="fit images used (DigitsDet default 600)")
@@ -363,19 +432,34 @@ def _source(ann: Path, images: Path, max_images: int | None, protocol: str | Non
     return out
 
 
+DIGITSDET_OOD = {"near": ("ood-near", None), "far": ("ood-far", None), "mixed": ("mixed", "gt_matched")}
+
+
 def data_block(args) -> dict:
-    """The spec's data block: DigitsDet by default, or the COCO-format paths given."""
+    """The spec's data block: DigitsDet by default (its near, far and mixed sets, plus any
+    ``--ood`` sets given), or the COCO-format paths given."""
     cap = {"max_images": args.max_images} if args.max_images else {}
     if args.id_annotations is None:
+        ood = {name: {"digitsdet": split, **({"protocol": proto} if proto else {}), **cap}
+               for name, (split, proto) in DIGITSDET_OOD.items()}
+        taken = sorted(set(ood) & {item.partition("=")[0] for item in args.ood})
+        if taken:
+            raise SystemExit(f"--ood: {', '.join(taken)} name DigitsDet's own sets; expected another name")
+        ood.update(parse_ood(args))
         return {"fit": {"digitsdet": "train", "max_images": args.fit_images_max},
-                "calibration": {"digitsdet": "val", **cap}, "id_test": {"digitsdet": "test", **cap},
-                "ood": {"near": {"digitsdet": "ood-near", **cap}, "far": {"digitsdet": "ood-far", **cap},
-                        "mixed": {"digitsdet": "mixed", "protocol": "gt_matched", **cap}}}
+                "calibration": {"digitsdet": "val", **cap}, "id_test": {"digitsdet": "test", **cap}, "ood": ood}
     if args.fit_annotations is None or args.fit_images is None or args.id_images is None or not args.ood:
         raise SystemExit("public benchmark: give --fit-annotations/--fit-images (ID training data), "
                          "--id-annotations/--id-images (ID test) and at least one --ood NAME=ANN:IMAGES")
     fit = _source(args.fit_annotations, args.fit_images, args.fit_images_max)
     cal = fit if args.cal_annotations is None else _source(args.cal_annotations, args.cal_images, args.max_images)
+    return {"fit": fit, "calibration": cal,
+            "id_test": _source(args.id_annotations, args.id_images, args.max_images), "ood": parse_ood(args)}
+
+
+def parse_ood(args) -> dict:
+    """The ``--ood NAME=ANNOTATIONS:IMAGES`` sets as spec data sources (``--gt-matched`` names:
+    that protocol); a DigitsDet name among ``--gt-matched`` is allowed only for ``mixed``."""
     ood = {}
     for item in args.ood:
         name, sep, paths = item.partition("=")
@@ -383,13 +467,15 @@ def data_block(args) -> dict:
         ann, sep2, images = (paths[:cut + 5], ":", paths[cut + 6:]) if cut >= 0 else paths.partition(":")
         if not (sep and sep2 and name and ann and images):
             raise SystemExit(f"--ood: expected NAME=ANNOTATIONS:IMAGES, found {item!r}")
+        if name in ood:
+            raise SystemExit(f"--ood: the name {name!r} is given twice")
         ood[name] = _source(Path(ann), Path(images), args.max_images,
                             "gt_matched" if name in args.gt_matched else None)
-    unknown = sorted(set(args.gt_matched) - set(ood))
+    own = {"mixed"} if args.id_annotations is None else set()
+    unknown = sorted(set(args.gt_matched) - set(ood) - own)
     if unknown:
         raise SystemExit(f"--gt-matched: expected names of --ood sets ({', '.join(ood)}), found {unknown}")
-    return {"fit": fit, "calibration": cal,
-            "id_test": _source(args.id_annotations, args.id_images, args.max_images), "ood": ood}
+    return ood
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,15 +529,16 @@ def main(argv: list[str] | None = None) -> int:
         "detector_threshold_rule": "F1-optimal on the calibration set" if cut == "f1" else "fixed",
         "data": data,
         "calibration": {k: v for k, v in monitor.calibration.items() if k != "calibration_issues"},
-        "scores": {name: {"kind": kind, "tap": spec.taps[tap_of(kind)], "params": monitor.scores[name].params()}
+        "scores": {name: {"kind": kind, "tap": spec.taps[tap_of(kind, name)], "params": monitor.scores[name].params()}
                    for name, (kind, _) in rows.items()},
         "n_boot": args.n_boot, "timing_repeats": args.timing_repeats,
         "sets": {name: set_summary(name, part) for name, part in parts.items()},
         "results": results, "cost": costs(parts),
-        "fusion": compare_fusion(results, getters, args.n_boot),
+        "fusion": compare_fusion(results, getters, args.n_boot, {k: kind for k, (kind, _) in rows.items()}),
+        "worst_set": worst_set(results),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
-    record["fusion_verdict"] = fusion_verdict(record["fusion"])
+    record["fusion_verdict"] = fusion_verdict(record["fusion"], record["worst_set"])
     record["seconds"] = round(time.perf_counter() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

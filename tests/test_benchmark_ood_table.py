@@ -103,7 +103,9 @@ def test_public_benchmark_code_path_runs(public_like, tmp_path):
     assert cost["single_pass_sum_ratio"] == pytest.approx(sum(cost["ratio"][k] for k in cost["single_pass_scores"]))
     assert "pvalue_fusion" in cost["single_pass_scores"] and "odin" not in cost["single_pass_scores"]
     assert record["scores"]["particul"]["params"]["channels"] == 64  # read off the detector
-    assert set(record["fusion"]["coco"]) == {"auroc", "fpr95"}
+    assert set(record["fusion"]["coco"]) == {"auroc", "fpr95", "components"}
+    assert record["scores"][record["fusion"]["coco"]["auroc"]["best_other"]]["kind"] not in table.OWN_KINDS
+    assert set(record["worst_set"]) == rows and "## Every score ranked by its worst OOD set" in markdown
 
 
 def test_public_benchmark_needs_fit_data(public_like):
@@ -127,3 +129,59 @@ def test_costs_charge_the_jitter_passes_to_jitter_kl_and_a_fusion_its_components
     assert c["ratio"]["jitter_kl"] == pytest.approx(0.205 / 2.0)
     assert c["ratio"]["fusion"] == pytest.approx((0.002 + 0.01 + 0.03 + 0.205) / 2.0)
     assert set(c["single_pass_scores"]) == {"energy", "residual"}
+
+
+def test_digitsdet_mode_adds_the_users_ood_sets_to_near_far_mixed(tmp_path):
+    table = _load_table_module()
+    args = table.parse_args(["--ood", f"textures={tmp_path / 'tex.json'}:{tmp_path / 'tex'}",
+                             "--ood", f"glyphs={tmp_path / 'g.json'}:{tmp_path / 'g'}", "--gt-matched", "glyphs"])
+    ood = table.data_block(args)["ood"]
+    assert list(ood) == ["near", "far", "mixed", "textures", "glyphs"]
+    assert ood["near"] == {"digitsdet": "ood-near"} and ood["mixed"]["protocol"] == "gt_matched"
+    assert ood["textures"] == {"annotations": str((tmp_path / "tex.json").resolve()),
+                               "images": str((tmp_path / "tex").resolve())}
+    assert ood["glyphs"]["protocol"] == "gt_matched"
+    with pytest.raises(SystemExit, match="DigitsDet's own sets"):
+        table.data_block(table.parse_args(["--ood", f"near={tmp_path / 'n.json'}:{tmp_path}"]))
+    with pytest.raises(SystemExit, match="given twice"):
+        table.data_block(table.parse_args(["--ood", f"a={tmp_path / 'n.json'}:{tmp_path}",
+                                           "--ood", f"a={tmp_path / 'm.json'}:{tmp_path}"]))
+    with pytest.raises(SystemExit, match="--gt-matched"):
+        table.data_block(table.parse_args(["--gt-matched", "textures"]))
+
+
+def test_worst_set_ranks_scores_by_their_minimum_auroc_over_the_sets():
+    table = _load_table_module()
+    results = {"near": {"a": {"auroc": 0.90}, "b": {"auroc": 0.80}, "c": {"auroc": 0.99}},
+               "far": {"a": {"auroc": 0.70}, "b": {"auroc": 0.85}, "c": {"auroc": 0.60}},
+               "tex": {"a": {"auroc": 0.95}, "b": {"auroc": 0.81}, "c": {"auroc": 0.99}}}
+    worst = table.worst_set(results)
+    assert [k for k in sorted(worst, key=lambda k: worst[k]["rank"])] == ["b", "a", "c"]
+    assert worst["b"] == {"worst": 0.80, "worst_set": "near", "rank": 1}
+    assert worst["c"]["worst_set"] == "far"
+
+
+def test_the_fusion_is_compared_with_the_best_published_score_not_certoods_own():
+    """jitter_kl and residual (certood's own) beat every published score here; the comparison
+    must still pick the best published one (energy), and list the components apart."""
+    table = _load_table_module()
+    rng = np.random.default_rng(0)
+    id_base, ood_base = rng.normal(0, 1, 200), rng.normal(1, 1, 150)
+    values = {"fusion": (id_base, ood_base + 1.0), "jitter_kl": (id_base, ood_base + 0.8),
+              "residual": (id_base, ood_base + 0.6), "energy": (id_base, ood_base + 0.2),
+              "vim": (id_base, ood_base - 0.3)}
+    id_g, ood_g = np.arange(200) // 2, 1000 + np.arange(150) // 2
+
+    def get(score):
+        i, o = values[score]
+        return i, o, id_g, ood_g
+
+    results = {"tex": {k: table.ci_entry(i, o, id_g, ood_g, 50) for k, (i, o) in values.items()}}
+    kinds = {k: k for k in values}
+    out = table.compare_fusion(results, {"tex": get}, 50, kinds)["tex"]
+    assert out["auroc"]["best_other"] == "energy" and out["fpr95"]["best_other"] == "energy"
+    assert out["auroc"]["paired_better"] and out["auroc"]["paired_diff_ci"][0] > 0
+    assert set(out["components"]) == set(table.FUSION_OF) & set(values)
+    assert not table.is_published("jitter_kl", kinds) and table.is_published("energy", kinds)
+    verdict = table.fusion_verdict({"tex": out}, table.worst_set(results))
+    assert verdict["paired_auroc_every_set"] and verdict["worst_set_rank"] == 1
