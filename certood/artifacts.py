@@ -50,6 +50,9 @@ RESULTS_FORMAT = "certood-results"
 STAGING_MARKER = ".certood-staging"  # inside every staging directory certood creates
 STAGING_FORMAT = "certood-staging"
 TEST_DIE_AFTER = "CERTOOD_TEST_DIE_AFTER"  # test-only: see die_here_for_tests
+MAX_MANIFEST_BYTES = 64 << 20  # per-class tables and calibration records of large label sets fit
+MAX_SCORES_BYTES = 16 << 30  # fitted tensors: a kNN bank or per-class precisions of a large detector
+MAX_RESULTS_JSON_BYTES = 256 << 20  # metrics.json: a few KiB per data set and score
 
 
 # --- permissions -------------------------------------------------------------------------
@@ -212,9 +215,9 @@ def results_file_changed(results_dir: Path, name: str) -> str | None:
     want = (marker or {}).get("files", {}).get(name)
     if want is None:
         return f"{path}: not listed in {RESULTS_MARKER}"
-    try:
-        got = hashlib.sha256(path.read_bytes()).hexdigest() if _is_regular_file(path) else None
-    except OSError:
+    try:  # a regular file of bounded size only: what is hashed here is then read whole
+        got = hashlib.sha256(read_artifact_file(path, MAX_RESULTS_JSON_BYTES, "results file")).hexdigest()
+    except ArtifactError:
         got = None
     if got != want:
         return (f"{path}: not the file this check wrote (sha256 differs from {RESULTS_MARKER}): stale "
@@ -522,10 +525,6 @@ def write_monitor_files(monitor, directory: Path) -> None:
     }
     atomic_write_bytes(directory / "scores.safetensors", blob)
     atomic_write_json(directory / "manifest.json", manifest)
-
-
-MAX_MANIFEST_BYTES = 64 << 20  # per-class tables and calibration records of large label sets fit
-MAX_SCORES_BYTES = 16 << 30  # fitted tensors: a kNN bank or per-class precisions of a large detector
 
 
 def read_artifact_file(path: Path, max_bytes: int, what: str) -> bytes:
