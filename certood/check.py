@@ -204,8 +204,6 @@ def _carry_monitor(monitor_dir: Path | None, out_dir: Path, staging: Path) -> No
 def _check_into(spec: Spec, out_dir: Path, monitor_dir: Path | None, progress: ProgressFactory | None,
                 save_features: bool) -> CheckResult:
     """run_check's work, every output written into ``out_dir`` (the staging directory)."""
-    if monitor_dir is not None:
-        read_manifest(monitor_dir)  # fail fast, before the detector loads
     # every annotation file the run reads, checked before the detector loads (images: lazily)
     datasets = spec_datasets(spec, calibration=monitor_dir is None, test=True)
     detector = load_spec_detector(spec)
