@@ -79,6 +79,7 @@ def test_check_with_missing_weights_is_a_runtime_error(tmp_path):
     code, out, err = run("check", str(spec), "--out", str(tmp_path / "out"))
     assert code == 3 and out == ""
     assert "missing.safetensors" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]  # its staging directory removed
 
 
 def test_check_refuses_a_directory_that_is_not_a_monitor(tmp_path):
