@@ -43,19 +43,26 @@ export's ``output0``); ``outputs`` renames them otherwise (``{predictions: outpu
     Logits: the ``cls_logits`` tap ``[A, K]`` when given (the class logits before the sigmoid),
     else ``logit(score)``; a background column of zeros is put first, so labels are 1..K as
     everywhere in certood. In a stock ultralytics export (detect head ``/model.22`` in YOLOv8n,
-    ``/model.23`` in YOLO11n; check with :func:`graph_tensors`) the taps are:
-    ``cls_logits``: the class half of the head's concatenated output, the first input of the
-    ``Sigmoid`` that produces the scores (``[1, K, A]``); ``head.cls_features``: the list of the
-    three per-level inputs of the class branch's last 1x1 conv (``/model.22/cv3.{0,1,2}/...``,
-    ``[1, C, H_i, W_i]``); ``head.input``: the list of the three feature maps entering the head.
+    ``/model.23`` in YOLO11n; check with :func:`graph_tensors`) the taps are ``cls_logits``:
+    ``/model.22/Concat_1_output_0`` ``[1, K, A]``, the input of the ``Sigmoid`` that makes the
+    scores; ``head.cls_features``: the list of the three per-level inputs of the class branch's
+    last 1x1 conv, ``/model.22/cv3.{i}/cv3.{i}.1/act/Mul_output_0`` for i = 0, 1, 2 (YOLO11n:
+    ``/model.23/cv3.{i}/cv3.{i}.1/cv3.{i}.1.1/act/Mul_output_0``), ``[1, 64, H_i, W_i]``: through
+    that conv they are exactly the anchor's logits. The maps entering the head differ in width
+    per level (64, 128, 256 in YOLOv8n), so they make no ``head.input``.
 
 ``rtdetr`` (set prediction, top-k inside the graph: ultralytics RT-DETR ``format='onnx'``)
-    output ``predictions`` float ``[1, Q, 4 + K]``: per query, ``cx, cy, w, h`` normalised to
-    [0, 1] of the input and ``K`` sigmoid class scores. Per query, score = best class score,
-    label = its class + 1; queries with score >= ``score_thresh`` are kept (best
-    ``max_detections``, no NMS), row = query. Logits as in ``yolo`` (the ``cls_logits`` tap, the
-    last decoder layer's class-head output ``[1, Q, K]``, else ``logit(score)``, background
-    zeros first); per-query features: the input of that class head ``[1, Q, D]``.
+    output ``predictions`` float ``[1, R, 6]`` (ultralytics 8.4): the ``R`` best (query, class)
+    pairs, best first, as ``cx, cy, w, h`` normalised to [0, 1] of the input, score, class
+    index. A row's query is read inside the graph (the ``GatherElements`` indices that pick its
+    box, or ``outputs: {rows: ...}``), and so are the per-query class logits ``[1, Q, K]`` (the
+    input of the ``Sigmoid`` the last ``TopK`` ranks, or the ``cls_logits`` tap): label = class
+    index + 1, logits = the query's, background zeros first; tapped tensors have one row per
+    query (one query may give several detections). Per-query features: the input of the last
+    decoder layer's class head, ``/model.<i>/decoder/layers.<L-1>/norm3/LayerNormalization_output_0``
+    ``[1, Q, D]``. The older form ``[1, Q, 4 + K]`` (K sigmoid scores per query) is read per query:
+    score = best class score, logits as in ``yolo``. Rows with score >= ``score_thresh`` are kept
+    (best ``max_detections``, no NMS).
 
 ``detr`` (set prediction, no NMS: DETR, Deformable-DETR, HF transformers exports)
     outputs ``pred_logits`` float ``[1, Q, K + 1]`` and ``pred_boxes`` float ``[1, Q, 4]``
@@ -153,8 +160,8 @@ def graph_tensors(model) -> list[tuple[str, list[int | None] | None]]:
     """``(name, shape)`` of every tensor a node of ``model`` (an ``onnx.ModelProto`` or a path)
     produces, in graph order: the names a spec's ``detector.tensors`` can tap.
 
-    >>> [n for n, s in graph_tensors("yolov8n.onnx") if s == [1, 5, 336]]  # doctest: +SKIP
-    ['/model.22/Split_output_1', '/model.22/Sigmoid_output_0']
+    >>> [n for n, s in graph_tensors("tests/data/ultralytics/yolov8n.onnx") if s == [1, 5, 84]]  # doctest: +SKIP
+    ['/model.22/Concat_1_output_0', '/model.22/Sigmoid_output_0']
     """
     if isinstance(model, (str, Path)):
         model = _load_onnx(Path(model))
