@@ -349,3 +349,12 @@ def test_the_example_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "certood.Monitor calibrated" in done.stdout and "weights verified" in done.stdout
     assert "frame 3: track ids" in done.stdout
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import certood.api
+
+    result = doctest.testmod(certood.api)
+    assert result.failed == 0 and result.attempted >= 5
