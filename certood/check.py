@@ -316,7 +316,7 @@ def _check_into(spec: Spec, out_dir: Path, monitor_dir: Path | None, progress: P
     if spec.certify is not None:  # what `certood recheck` re-verifies certificates from
         atomic_write_bytes(out_dir / FEATURES_FILE, certify_features_blob(
             monitor, certify_head(detector, spec.taps[spec.certify.tap]), spec.certify, certify_features,
-            detector.weights_sha256))
+            detector.weights_sha256, monitor_dir=monitor_dir))
     if save_features:
         atomic_write_bytes(out_dir / FEATURES_EXPORT_FILE, _features_blob(exported, spec, detector.weights_sha256))
     plot_sets = {k: _ood_matched_only(v) if "gt_match" in v else v for k, v in per_set.items()}

@@ -69,6 +69,9 @@ class AttackResult:
     n_boxes: int = 0
     n_points: int = 0
     violations: list[dict] = field(default_factory=list)  # {box, verdict, flag, margin}
+    # per box (index into the verdicts): every score's [min, max] over the points visited
+    score_ranges: dict[int, dict[str, list[float]]] = field(default_factory=dict)
+    points_per_box: dict[int, int] = field(default_factory=dict)
 
     @property
     def n_violations(self) -> int:
@@ -129,8 +132,8 @@ class _Scorer:
         out = {}
         for name, s in self.spec.scores.items():
             point = self.spec.taps[s.tap]
-            if self.order.index(point) < self.order.index(self.point):
-                out[name] = self.values[name][box].double()
+            if self.order.index(point) < self.order.index(self.point) or self.scores.get(name) is None:
+                out[name] = self.values[name][box].double()  # constant here (or not evaluable)
                 continue
             f = feats[point] if point != self.point else x
             if differentiable and s.kind in DIFFERENTIABLE:
@@ -144,12 +147,17 @@ def attack_certificates(spec, scores: dict, thresholds: dict[str, float], head: 
                         z: Tensor, verdicts: list[str], values: dict[str, Tensor], eps: float,
                         norm: float = math.inf, nonnegative: bool = True, n_samples: int = 500,
                         steps: int = 50, restarts: int = 2, seed: int = 0, chunk: int = 8,
-                        labels: Tensor | None = None, class_thresholds: dict | None = None) -> AttackResult:
+                        labels: Tensor | None = None, class_thresholds: dict | None = None,
+                        score_extremes: bool = False) -> AttackResult:
     """Look for points of R(z) whose flag contradicts each certified verdict.
 
     ``z`` [N, D] features at tap point ``point``, ``verdicts`` per box (undecided boxes are
     skipped), ``values`` the boxes' own scores (for scores read before the tap); ``labels``
     and ``class_thresholds`` (name -> per-label table) for rules with ``t.NAME[class]``.
+    The attack runs in the head's precision (a float64 head: float64 points and scores).
+    ``score_extremes``: PGD also pushes each differentiable score up and down, so that
+    ``score_ranges`` (every box's score range over the visited points) can refute stored
+    score bounds, not only verdicts.
     """
     from certood.certify import margin_at
     from certood.spec.rule import class_key
@@ -183,6 +191,14 @@ def attack_certificates(spec, scores: dict, thresholds: dict[str, float], head: 
                 flags = rule.evaluate(vals, th_eval, lab)
                 margin = margin_at(rule.tree, vals, th_point)
             result.n_points += x.shape[0]
+            for j in box_rows.unique().tolist():
+                b, mine = int(idx[j]), box_rows == j
+                result.points_per_box[b] = result.points_per_box.get(b, 0) + int(mine.sum())
+                ranges = result.score_ranges.setdefault(b, {})
+                for name, v in vals.items():
+                    lo, hi = float(v[mine].min()), float(v[mine].max())
+                    old = ranges.get(name, [math.inf, -math.inf])
+                    ranges[name] = [min(old[0], lo), max(old[1], hi)]
             bad = flags != want_flag[box_rows]
             for j in bad.nonzero().flatten().tolist():
                 b = int(idx[box_rows[j]])
@@ -194,25 +210,45 @@ def attack_certificates(spec, scores: dict, thresholds: dict[str, float], head: 
         rows = torch.arange(len(idx)).repeat_interleave(n_samples)
         check(x.reshape(-1, zb.shape[1]), rows)
         # 2. PGD toward the opposite verdict: up for certified_id, down for certified_ood
-        sign = torch.where(want_flag, -1.0, 1.0).to(dtype).repeat(restarts)
-        zr = zb.repeat(restarts, 1)
-        rows = torch.arange(len(idx)).repeat(restarts)
-        x = sample_region(zr, eps, norm, nonnegative, 1, gen).squeeze(1)
-        step = 2.5 * eps / steps
-        th_point = per_point(idx[rows])[1]
-        for _ in range(steps):
-            x = x.detach().requires_grad_(True)
-            with torch.enable_grad():
-                vals = scorer(x, idx[rows], differentiable=True)
-                objective = (sign.double() * margin_at(rule.tree, vals, th_point)).sum()
-                grad, = torch.autograd.grad(objective, x, allow_unused=True)
-            if grad is None:
-                break
-            with torch.no_grad():
-                if norm == math.inf:
-                    x = x + step * grad.sign()
-                else:
-                    x = x + step * grad / grad.norm(dim=1, keepdim=True).clamp(min=1e-30)
-                x = project(x, zr, eps, norm, nonnegative)
-            check(x.detach(), rows)
+        th_point = per_point(idx[torch.arange(len(idx)).repeat(restarts)])[1]
+        sign = torch.where(want_flag, -1.0, 1.0).to(torch.float64)
+
+        def rule_objective(vals):
+            return sign.repeat(restarts) * margin_at(rule.tree, vals, th_point)
+
+        objectives = [rule_objective]
+        if score_extremes:  # 3. each score up and down (the stored bounds' two ends)
+            for name, s_ in spec.scores.items():
+                if s_.kind in DIFFERENTIABLE and name in scores and scores[name] is not None:
+                    for direction in (1.0, -1.0):
+                        objectives.append(lambda vals, n=name, d=direction: d * vals[n])
+        for objective in objectives:
+            _pgd(scorer, objective, zb, idx, eps, norm, nonnegative, steps, restarts, gen, check)
     return result
+
+
+def _pgd(scorer, objective, zb: Tensor, idx: Tensor, eps: float, norm: float, nonnegative: bool, steps: int,
+         restarts: int, gen, check) -> None:
+    """Projected gradient ascent of ``objective(scores)`` (one value per point) from random
+    starts in each region; every iterate is passed to ``check``."""
+    zr = zb.repeat(restarts, 1)
+    rows = torch.arange(len(idx)).repeat(restarts)
+    x = sample_region(zr, eps, norm, nonnegative, 1, gen).squeeze(1)
+    step = 2.5 * eps / steps
+    for _ in range(steps):
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            vals = scorer(x, idx[rows], differentiable=True)
+            total = objective(vals).sum()
+            if not total.requires_grad:
+                break  # the objective does not depend on the features (a constant score)
+            grad, = torch.autograd.grad(total, x, allow_unused=True)
+        if grad is None:
+            break
+        with torch.no_grad():
+            if norm == math.inf:
+                x = x + step * grad.sign()
+            else:
+                x = x + step * grad / grad.norm(dim=1, keepdim=True).clamp(min=1e-30)
+            x = project(x, zr, eps, norm, nonnegative)
+        check(x.detach(), rows)
