@@ -68,7 +68,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -95,7 +95,17 @@ RADIUS_BISECT = 6  # ... then this many bisection steps
 # --- certificates --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Certificate:
-    """One box's certificate (``to_json`` is what boxes.jsonl carries)."""
+    """One box's certificate (``to_json`` is what boxes.jsonl carries).
+
+    ``witness`` (undecided boxes only): a point of the region where the rule decides the
+    other way than at the box itself, found by certood.verifiers.witness, so no method can
+    certify the box at this eps and ``reason`` starts with ``counterexample:``. JSON:
+    ``{"sha256": 16 hex digits of the point's float32 little-endian bytes, "flag": the rule's
+    flag there, "margin", "scores": {name: value}, "linf", "l2": distances to the box's
+    feature, "step": which attack point (0 = a sampled vertex, k = PGD step k)}``; the point
+    itself is ``witness_point`` (float32 ``[D]``, not in the JSON: a writer that stores it
+    lets a re-check re-evaluate the witness, verifiers.witness.evaluate_witness).
+    """
 
     verdict: str
     method: str
@@ -109,6 +119,8 @@ class Certificate:
     seconds: float
     radius: float | None = None
     exact: str = "none"
+    witness: dict | None = None
+    witness_point: Tensor | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {
@@ -121,7 +133,17 @@ class Certificate:
             out["reason"] = self.reason
         if self.radius is not None:
             out["radius"] = self.radius
+        if self.witness is not None:
+            out["witness"] = self.witness
         return out
+
+
+def _witness_reason(w, own_flag: bool) -> str:
+    """``counterexample: ...``: why no method can certify the box at this eps."""
+    scores = ", ".join(f"{k} {v:.6g}" for k, v in w.scores.items())
+    return (f"counterexample: a point of the region (L-inf distance {w.linf:.3g} from the box's feature, "
+            f"sha256 {w.sha256}) is {'flagged' if w.flag else 'not flagged'} while the box itself is "
+            f"{'flagged' if own_flag else 'not flagged'} (margin {w.margin:.4g}; {scores})")
 
 
 def _finite(x: float | None) -> float | None:
@@ -731,6 +753,7 @@ class Certifier:
                  options, input_dim: int, backend: Callable | None = None,
                  class_thresholds: dict[str, Any] | None = None):
         self.spec, self.scores, self.thresholds, self.options = spec, scores, thresholds, options
+        self.head = head  # the monitored head as the monitor runs it: counterexamples are judged on it
         # per predicted class tables for t.NAME[class]: the label of a box is part of the
         # detection (torchvision emits one box per class), so its threshold is a constant
         self.class_thresholds = {k: torch.as_tensor(v, dtype=torch.float64).flatten()
@@ -1011,6 +1034,9 @@ class Certifier:
         bounds = self.bounds(z, self.options.eps, values, labels)
         verdicts, margins, reasons = self.decide(bounds, labels)
         verdicts, reasons = self._self_check(verdicts, reasons, bounds, values, flags)
+        witnesses = self.witnesses(z, values, flags, verdicts, reasons, labels)
+        reasons = [_witness_reason(w, bool(flags[i])) if w is not None and not (reasons[i] or "").startswith(
+            "unsupported") else reasons[i] for i, w in enumerate(witnesses)]
         radii = self.radius(z, values, flags, verdicts, labels) if self.options.radius else None
         seconds = (time.perf_counter() - start) / max(1, z.shape[0])
         o = self.options
@@ -1019,8 +1045,36 @@ class Certifier:
             tap=self.point, exact=o.exact,
             score_bounds={k: (float(lo[i]), float(hi[i])) for k, (lo, hi) in bounds.items()},
             margin=float(margins[i]), reason=reasons[i], seconds=seconds,
-            radius=None if radii is None else float(radii[i]))
+            radius=None if radii is None else float(radii[i]),
+            witness=None if witnesses[i] is None else witnesses[i].to_json(),
+            witness_point=None if witnesses[i] is None else witnesses[i].point)
             for i in range(z.shape[0])]
+
+    def witnesses(self, z: Tensor, values: dict[str, Tensor], flags: Tensor, verdicts: list[str],
+                  reasons: list[str | None], labels: Tensor | None = None) -> list:
+        """Counterexamples (certood.verifiers.witness) for the undecided boxes, None elsewhere
+        and where none is found (a self-check failure is a bug, not a property of the region:
+        not searched)."""
+        from certood.verifiers.witness import find_witnesses
+
+        out: list = [None] * z.shape[0]
+        idx = [i for i, v in enumerate(verdicts) if v == "undecided"
+               and not (reasons[i] or "").startswith("self-check failed")]
+        if not idx or self.head is None or not any(True for _ in self.head.parameters()):
+            return out
+        sel = torch.tensor(idx, dtype=torch.long)
+        try:
+            found = find_witnesses(self.spec, self.scores, self.thresholds, self.head, self.point, z[sel],
+                                   flags[sel], {k: v[sel] for k, v in values.items()}, float(self.options.eps),
+                                   self.region.norm, self.region.nonnegative,
+                                   labels=None if labels is None else torch.as_tensor(labels)[sel],
+                                   class_thresholds=self.class_thresholds)
+        except (CertoodError, RuntimeError) as e:  # the search is evidence, never a reason to fail
+            self.last_witness_error = str(e)  # (a head that does not fit the scores, say)
+            return out
+        for i, w in zip(idx, found):
+            out[i] = w
+        return out
 
     def _check_domain(self, z: Tensor) -> None:
         if self.region.nonnegative and bool((z < 0).any()):

@@ -518,3 +518,26 @@ def test_coupled_mahalanobis_bound_is_inside_the_interval_bound_and_certifies_mo
     rlo, rhi = ref.score_bounds(z, eps, values)["maha"]
     width = (ihi - ilo).clamp(min=1e-9)
     assert float(((rlo - lo).abs() / width).max()) < 1e-2 and float(((rhi - hi).abs() / width).max()) < 1e-2
+
+
+def test_undecided_boxes_carry_counterexamples_that_re_evaluate(setup):
+    """A witness is a point of the region (checked in float64) where the monitor's own scores
+    and rule decide the other way: re-evaluated from the point alone it gives the stored flag,
+    scores and hash; certified boxes never carry one; the reason says counterexample."""
+    from certood.verifiers.witness import evaluate_witness, witness_hash
+
+    head, scores, z = setup
+    spec, monitor, values, flags, result = run(setup, rule="energy > t.energy or maha > t.maha", eps=0.05)
+    certs = result.certificates
+    with_witness = [i for i, c in enumerate(certs) if c.witness is not None]
+    assert with_witness, result.summary()
+    assert all(certs[i].verdict == "undecided" for i in with_witness)
+    assert result.summary()["undecided_reasons"].get("counterexample") == len(with_witness)
+    for i in with_witness:
+        c, x = certs[i], certs[i].witness_point
+        assert c.reason.startswith("counterexample:") and c.to_json()["witness"]["sha256"] == witness_hash(x)
+        assert float((x.double() - z[i].double()).abs().max()) <= 0.05 and bool((x >= 0).all())
+        flag, at = evaluate_witness(spec, scores, monitor.thresholds, head, spec.taps["roi"], x,
+                                    {k: v[i:i + 1] for k, v in values.items()})
+        assert flag == c.witness["flag"] != bool(flags[i])
+        assert at == pytest.approx(c.witness["scores"], rel=1e-4)  # float32, one point vs a batch

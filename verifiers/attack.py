@@ -47,9 +47,12 @@ def _entropy(score, x):
 
 
 def _mahalanobis(score, x):
-    from certood.scores.mahalanobis import mahalanobis_score
+    from certood.scores.mahalanobis import mahalanobis_score, precision_factor
 
-    return mahalanobis_score(x, score.means, score.precision)
+    # the factor is an eigendecomposition: once per fitted precision, not per PGD step
+    if getattr(score, "_factor_of", None) is not score.precision:
+        score._factor, score._factor_of = precision_factor(score.precision), score.precision
+    return mahalanobis_score(x, score.means, score.precision, score._factor)
 
 
 def _knn(score, x):
