@@ -23,8 +23,9 @@ What is checked:
    directory (``monitor/`` of the results, or the ``--monitor`` directory of the check):
    scores.safetensors must match its manifest's sha256 and the stored score tensors,
    ``manifest.json`` thresholds, class thresholds, detector threshold and score kinds must
-   be those the certificates were made under, and metrics.json must say the same rule and
-   certify options. Any mismatch is a disagreement naming both sides (hashes or values).
+   be those the certificates were made under, and metrics.json must say the same rule,
+   certify options and verdict counts; a box whose feature is stored (the check certified it)
+   must still be certified in boxes.jsonl. Any mismatch is a disagreement naming both sides (hashes or values).
    The re-proof itself always uses the detector's head and the monitor's tensors and
    thresholds, never the stored copies.
 2. *The claim on file.* A certificate's eps, norm, domain, tap, method and exact must be the
@@ -455,9 +456,9 @@ def _detector_problems(detector, point: str, meta: dict, tensors: dict[str, Tens
     return head, problems
 
 
-def _metrics_problems(results_dir: Path, meta: dict) -> list[str]:
+def _metrics_problems(results_dir: Path, meta: dict, records: list[dict]) -> list[str]:
     """metrics.json (written by the same check) must say the same rule, thresholds, detector
-    and certify options."""
+    and certify options, and count the verdicts boxes.jsonl holds."""
     path = results_dir / "metrics.json"
     metrics = _read_json(path, "metrics.json")
     if not isinstance(metrics, dict):
@@ -475,7 +476,26 @@ def _metrics_problems(results_dir: Path, meta: dict) -> list[str]:
     about = metrics.get("certify") or {}
     for key in ("tap", "eps", "norm", "method", "exact", "domain", "radius"):
         differs(f"certify.{key}", about.get(key), meta["certify"].get(key))
+    counted: dict[str, dict[str, int]] = {}
+    for r in records:
+        verdict = (r.get("certificate") or {}).get("verdict") if isinstance(r.get("certificate"), dict) else None
+        per_set = counted.setdefault(str(r.get("dataset", "")).removeprefix("ood/"), {})
+        per_set[str(verdict)] = per_set.get(str(verdict), 0) + 1
+    for name, entry in (metrics.get("certificates") or {}).items():
+        want = {k: v for k, v in ((entry or {}).get("counts") or {}).items() if v}
+        if want != counted.get(name, {}):
+            problems.append(f"metrics.json: certificates.{name}.counts {want}, boxes.jsonl holds {counted.get(name, {})}")
     return problems
+
+
+def _unlisted_certificates(records: list[dict], tensors: dict[str, Tensor], certified: list[int]) -> list[str]:
+    """Boxes the check certified (their feature is stored) that boxes.jsonl no longer says are."""
+    stored = sorted(int(k[4:]) for k in tensors if k.startswith("box/") and k[4:].isdigit())
+    out = []
+    for i in sorted(set(stored) - set(certified)):
+        said = (records[i].get("certificate") or {}).get("verdict") if i < len(records) else "no such line"
+        out.append(f"box {i}: boxes.jsonl says {said!r}, but the check certified it (box/{i} is stored)")
+    return out
 
 
 # --- re-proving --------------------------------------------------------------------------------
@@ -737,11 +757,12 @@ def recheck(results_dir: str | Path, allow_unconfirmed: bool = False, from_image
     monitor = _monitor(results_dir, meta, tensors)
     detector = _detector(meta)
     head, head_problems = _detector_problems(detector, point, meta, tensors)
-    problems += monitor.problems + head_problems + _metrics_problems(results_dir, meta)
-    report = RecheckReport(results_dir, n_boxes=len(records), problems=problems,
-                           detector_sha256=detector.weights_sha256, from_images=from_images)
     certified = [i for i, r in enumerate(records)
                  if isinstance(r.get("certificate"), dict) and r["certificate"].get("verdict") != "undecided"]
+    problems += monitor.problems + head_problems + _metrics_problems(results_dir, meta, records)
+    problems += _unlisted_certificates(records, tensors, certified)
+    report = RecheckReport(results_dir, n_boxes=len(records), problems=problems,
+                           detector_sha256=detector.weights_sha256, from_images=from_images)
     if not certified:
         return report
     head64 = copy.deepcopy(head).double().eval()

@@ -310,3 +310,13 @@ def test_tighter_method_refuted_by_the_attack(results, tmp_path):
     assert code == 1
     detail = _detail(payload, certified[0])
     assert "the recheck's attack refutes it" in detail and "outside the stored" in detail
+
+
+def test_certificate_downgraded_to_undecided(results, tmp_path):
+    """A certificate withdrawn from boxes.jsonl (its feature still stored) is named too."""
+    d = _copy(results, tmp_path)
+    i = _edit_certificate(d, lambda r: r["certificate"].update(verdict="undecided"))
+    code, payload = _recheck(d)
+    assert code == 1
+    assert any(p.startswith(f"box {i}: boxes.jsonl says 'undecided'") for p in payload["problems"])
+    assert any(p.startswith("metrics.json: certificates.") for p in payload["problems"])
