@@ -69,12 +69,12 @@ REPO = Path(__file__).resolve().parent.parent
 # The enhancement: the fusion chosen on ID-only proxies by its worst family
 # (benchmarks/select_fusion_families.py: results/fusion_families.md).
 FUSION = "fusion"
-FUSION_OF = ["energy", "residual", "jitter_kl"]
-FUSION_COMBINE = "fisher"
+FUSION_OF = ["energy", "lared"]
+FUSION_COMBINE = "hmp"
 # certood's own scores (new here, not published): left out of "the best published score"
 OWN_KINDS = ("fusion", "pvalue_fusion", "residual", "jitter_kl")
-# several passes or a gradient: cost reported alone (jitter_kl: 8 more box-head passes per box;
-# the fusion reads it)
+# several passes or a gradient: cost reported alone (jitter_kl: 8 more box-head passes per box);
+# the fusion too: its cost includes the scores it reads
 MULTI_PASS = ("odin", "gradnorm", "mc_dropout", "jitter_kl", FUSION)
 ROI_KINDS = ("odin", "particul", "residual")  # read box_head.input (the RoI features)
 LOGIT_KINDS = ("energy", "msp", "max_logit", "entropy", "fusion")  # read cls_logits (a fusion: its class)
@@ -83,7 +83,9 @@ TAPS = {"roi": "box_head.input", "penultimate": "box_head.output", "logits": "cl
         "jitter": "box_jitter.logits"}
 # Extra rows beside one row per kind (default parameters): the fusion's ablations, and
 # components of the fusion read at another tap than their kind's (ROW_TAPS).
-VARIANTS = {"pvalue_fusion_pooled": ("pvalue_fusion", {"class_conditional": False})}
+VARIANTS = {"pvalue_fusion_pooled": ("pvalue_fusion", {"class_conditional": False}),
+            # the previous default (rounds 1-3, chosen by the mean over stroke-made proxies)
+            "fusion_round2": ("fusion", {"of": ["energy", "residual", "jitter_kl"], "combine": "fisher"})}
 ROW_TAPS: dict[str, str] = {}
 METRICS = ("auroc", "aupr_in", "fpr95")
 LABELS = {"auroc": "AUROC", "aupr_in": "AUPR-In", "fpr95": "FPR95"}

@@ -122,6 +122,7 @@ def test_public_benchmark_needs_fit_data(public_like):
 
 def test_costs_charge_the_jitter_passes_to_jitter_kl_and_a_fusion_its_components():
     table = _load_table_module()
+    table.FUSION_OF = ["energy", "residual", "jitter_kl"]  # a fusion that reads the jitter tap
     part = {"dets": [0] * 10, "n_images": 4, "detector_seconds": 2.0, "optional_seconds": 0.2,
             "score_seconds": {"energy": 0.01, "residual": 0.03, "jitter_kl": 0.005, "fusion": 0.002, "odin": 0.5}}
     c = table.costs({"a": part})

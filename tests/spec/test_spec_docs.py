@@ -21,7 +21,7 @@ FAMILIES = {  # score family -> example spec
     "density": {"lared"},
     "abstraction": {"box_abstraction", "activation_pattern"},
     "part_based": {"particul"},
-    "detection_fusion": {"fusion", "residual", "jitter_kl"},
+    "detection_fusion": {"fusion", "lared"},
 }
 
 
