@@ -64,6 +64,7 @@ detector:
   score_thresh: 0.001   # ultralytics' val settings
   nms_thresh: 0.7
   max_detections: 300
+  multi_label: true
   tensors:
     cls_logits: /model.22/Concat_1_output_0
     head.cls_features: [/model.22/cv3.0/cv3.0.1/act/Mul_output_0, /model.22/cv3.1/cv3.1.1/act/Mul_output_0,

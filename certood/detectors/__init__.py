@@ -19,6 +19,7 @@ def detector_from_spec(detector, taps: dict[str, str] | None = None):
         det = OnnxDetector(d.weights, d.tensors, d.layout or "two_stage", input_name=d.input,
                            outputs=d.outputs or None, num_classes=d.num_classes, score_thresh=d.score_thresh,
                            nms_thresh=d.nms_thresh, max_detections=d.max_detections,
+                           multi_label=getattr(d, "multi_label", False),
                            activation=d.activation, preprocess=d.preprocess, batch_size=d.batch_size or 8,
                            device=d.device)
         what = "detector.tensors"

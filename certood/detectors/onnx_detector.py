@@ -38,8 +38,10 @@ export's ``output0``); ``outputs`` renames them otherwise (``{predictions: outpu
     output ``predictions`` float ``[1, 4 + K, A]`` (a stock export's ``output0``) or
     ``[1, A, 4 + K]``: per anchor/location ``a``, the box ``cx, cy, w, h`` in input pixels and
     ``K`` per-class scores in [0, 1] (sigmoid probabilities; objectness already multiplied in).
-    The adapter keeps anchors whose best class score is >= ``score_thresh``, runs class-wise NMS
-    (``nms_thresh``) and keeps ``max_detections``; a detection's row is its anchor ``a``.
+    The adapter keeps anchors whose best class score is >= ``score_thresh`` (with
+    ``multi_label``: every (anchor, class) pair whose score is, as ultralytics' val does), runs
+    class-wise NMS (``nms_thresh``) and keeps ``max_detections``; a detection's row is its
+    anchor ``a`` (with ``multi_label`` one anchor may give several detections).
     Logits: the ``cls_logits`` tap ``[A, K]`` when given (the class logits before the sigmoid),
     else ``logit(score)``; a background column of zeros is put first, so labels are 1..K as
     everywhere in certood. In a stock ultralytics export (detect head ``/model.22`` in YOLOv8n,
@@ -50,6 +52,12 @@ export's ``output0``); ``outputs`` renames them otherwise (``{predictions: outpu
     ``/model.23/cv3.{i}/cv3.{i}.1/cv3.{i}.1.1/act/Mul_output_0``), ``[1, 64, H_i, W_i]``: through
     that conv they are exactly the anchor's logits. The maps entering the head differ in width
     per level (64, 128, 256 in YOLOv8n), so they make no ``head.input``.
+
+    ID mAP against ultralytics' own ``val``: the same boxes need ``preprocess: letterbox`` (for
+    non-square images), ``score_thresh: 0.001``, ``nms_thresh: 0.7``, ``max_detections: 300``
+    and ``multi_label: true``; what then remains is the AP itself: certood's is pycocotools'
+    (101 recall points, precision averaged, at most 100 detections per image), ultralytics
+    integrates its interpolated 101-point curve with the trapezoid rule over its own matching.
 
 ``rtdetr`` (set prediction, top-k inside the graph: ultralytics RT-DETR ``format='onnx'``)
     output ``predictions`` float ``[1, R, 6]`` (ultralytics 8.4): the ``R`` best (query, class)
@@ -223,7 +231,7 @@ class OnnxDetector:
                  *, input_name: str | None = None, outputs: Mapping[str, str] | None = None,
                  num_classes: int | None = None, score_thresh: float = 0.0, nms_thresh: float = 0.5,
                  max_detections: int = 100, activation: str = "softmax", preprocess: str = "resize",
-                 batch_size: int = 8, device: str = "cpu"):
+                 batch_size: int = 8, multi_label: bool = False, device: str = "cpu"):
         import onnx
         import onnxruntime as ort
 
@@ -253,6 +261,10 @@ class OnnxDetector:
         if layout == "rtdetr":
             self._discover_rtdetr()
         self.score_thresh, self.nms_thresh, self.max_detections = score_thresh, nms_thresh, max_detections
+        if multi_label and layout != "yolo":
+            raise CertoodError(f"multi_label: only the yolo layout has per-anchor class scores to split "
+                               f"(the {layout} layout's detections come from its graph)")
+        self.multi_label = bool(multi_label)
         if layout == "two_stage" and LOGITS_TAP not in self.tensors:
             raise CertoodError(f"layout two_stage: expected a {LOGITS_TAP!r} tensor (per-proposal class "
                                f"logits, background first) among the taps, found: "
@@ -548,12 +560,17 @@ class OnnxDetector:
         boxes = torch.cat([cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2], dim=1)
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, size[1])
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, size[0])
-        scores, cls = class_scores.max(dim=1)
-        rows = torch.nonzero(scores >= self.score_thresh).flatten()
-        keep = batched_nms(boxes[rows], scores[rows], cls[rows], self.nms_thresh)[: self.max_detections]
-        rows = rows[keep]
+        if self.multi_label:  # every (anchor, class) pair above the cut, as ultralytics' val NMS
+            rows, cls = torch.nonzero(class_scores >= self.score_thresh, as_tuple=True)
+            scores = class_scores[rows, cls]
+        else:  # the best class of each anchor, as ultralytics' predict
+            scores, cls = class_scores.max(dim=1)
+            rows = torch.nonzero(scores >= self.score_thresh).flatten()
+            scores, cls = scores[rows], cls[rows]
+        keep = batched_nms(boxes[rows], scores, cls, self.nms_thresh)[: self.max_detections]
+        rows, cls, scores = rows[keep], cls[keep], scores[keep]
         logits = self._sigmoid_logits(values, class_scores, rows, n_rows)
-        return boxes[rows], cls[rows] + 1, scores[rows], logits, rows, n_rows
+        return boxes[rows], cls + 1, scores, logits, rows, n_rows
 
     def _decode_rtdetr(self, values, size):
         pred = torch.from_numpy(np.asarray(values[self.outputs["predictions"]], dtype=np.float32))

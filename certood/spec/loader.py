@@ -485,7 +485,7 @@ def _build(norm: dict, raw: dict, rule: Rule, base: Path, warnings: tuple) -> Sp
             kind="onnx", arch="", weights=str(_resolve(base, det["path"])), num_classes=det.get("num_classes"),
             score_thresh=det["score_thresh"], device=det["device"], layout=det["layout"],
             tensors=dict(det["tensors"]), input=det.get("input"), outputs=dict(det["outputs"]),
-            nms_thresh=det["nms_thresh"], max_detections=det["max_detections"],
+            nms_thresh=det["nms_thresh"], max_detections=det["max_detections"], multi_label=det["multi_label"],
             activation=det["activation"], preprocess=det["preprocess"], batch_size=det["batch_size"],
         )
     else:

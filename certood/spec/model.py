@@ -46,6 +46,7 @@ class DetectorSpec:
     input: str | None = None
     outputs: dict = field(default_factory=dict)
     nms_thresh: float = 0.5
+    multi_label: bool = False  # yolo layout: one candidate per (anchor, class) pair
     max_detections: int = 100
     activation: str = "softmax"  # detr layout: softmax or sigmoid class head
     preprocess: str = "resize"  # fixed-size graphs: resize or letterbox

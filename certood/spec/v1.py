@@ -311,6 +311,9 @@ ONNX_DETECTOR = Record({
     "score_thresh": Field(Float(ge=0, lt=1), default=model.DEFAULT_SCORE_THRESH,
                           description="detections below this detector score are dropped"),
     "nms_thresh": Field(Float(gt=0, le=1), default=0.5, description="yolo layout: NMS IoU threshold"),
+    "multi_label": Field(Enum((False, True)), default=False,
+                         description="yolo layout: a candidate per (anchor, class) above score_thresh, as "
+                         "ultralytics' val (default: the best class per anchor, as its predict)"),
     "max_detections": Field(Int(min=1, max=100_000), default=100,
                             description="yolo, rtdetr, detr layouts: detections kept per image"),
     "activation": Field(Enum(("softmax", "sigmoid")), default="softmax",

@@ -78,6 +78,7 @@ def test_spec_validates_the_new_detector_keys(digitsdet_root):
     assert spec.detector.layout == "rtdetr" and spec.detector.tensors == {"head.cls_features": ["a", "b", "c"]}
     assert (spec.detector.activation, spec.detector.preprocess, spec.detector.batch_size) == \
         ("softmax", "resize", 8)
+    assert _spec(digitsdet_root, "{kind: onnx, path: m.onnx, layout: yolo, multi_label: true}").detector.multi_label
 
 
 def test_torchvision_batch_size_from_the_spec_or_the_input_size(digitsdet_root, random_weights):

@@ -380,3 +380,24 @@ def test_activation_applies_to_detr_only(stock_yolo):
         OnnxDetector(stock_yolo[1], {}, layout="yolo", activation="sigmoid")
     with pytest.raises(CertoodError, match="unknown activation 'relu'"):
         OnnxDetector(stock_yolo[1], {}, layout="detr", activation="relu")
+
+
+def test_multi_label_keeps_every_anchor_class_pair_above_the_cut(stock_yolo):
+    """``multi_label``: candidates are (anchor, class) pairs, as ultralytics' val NMS; one anchor
+    may give detections of several classes, each with its anchor's logits."""
+    model, path, _ = stock_yolo
+    det = OnnxDetector(path, {}, layout="yolo", score_thresh=0.2, multi_label=True, max_detections=300)
+    image = _images(4)[0]
+    [d] = det.detect([image])
+    with torch.no_grad():
+        pred = model(_resized(image))[0].T
+    boxes = torch.cat([pred[:, :2] - pred[:, 2:4] / 2, pred[:, :2] + pred[:, 2:4] / 2], dim=1).clamp(0, SIZE)
+    anchors, cls = torch.nonzero(pred[:, 4:] >= 0.2, as_tuple=True)
+    scores = pred[anchors, 4 + cls]
+    keep = batched_nms(boxes[anchors], scores, cls, 0.5)[:300]
+    assert len(d) == len(keep) > len(torch.unique(anchors[keep]))  # some anchor gave two classes
+    torch.testing.assert_close(d.scores, scores[keep], rtol=1e-5, atol=1e-6)
+    assert torch.equal(d.labels, cls[keep] + 1)
+    torch.testing.assert_close(torch.sigmoid(d.logits[:, 1:]), pred[anchors[keep], 4:], rtol=1e-4, atol=1e-5)
+    with pytest.raises(CertoodError, match="multi_label: only the yolo layout"):
+        OnnxDetector(path, {}, layout="rtdetr", multi_label=True)
