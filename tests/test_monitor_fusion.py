@@ -90,3 +90,24 @@ def test_fusion_of_jitter_and_logit_scores_calibrates_end_to_end(make_tiny_spec)
 
 def _src(source) -> str:
     return f"{{annotations: {source.annotations}, images: {source.images}, max_images: {source.max_images}}}"
+
+
+def test_the_shipped_fusion_spec_is_energy_and_lared_by_harmonic_mean_pvalue():
+    """specs/detection_fusion.yaml (the round-4 choice): its fusion reads energy and LaRED,
+    out of fold, and scores a box by -log of the harmonic mean of its two p-values."""
+    from pathlib import Path
+
+    from certood.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parent.parent / "specs" / "detection_fusion.yaml")
+    params = spec.scores["fused"].params
+    assert params["of"] == ["energy", "lared"] and params["combine"] == "hmp"
+    fit, labels = _dets(300, seed=1), torch.arange(300) % 3
+    scores = {"energy": build_score("energy"),
+              "lared": build_score("lared").fit(score_input(spec, "lared", fit), labels)}
+    fusion = build_score("fusion", params)
+    scores["fused"] = fusion.fit(fusion_reference(spec, "fused", fusion, scores, fit, labels, detector=None))
+    query = _dets(40, seed=2)
+    values = score_values(spec, scores, query)
+    p = scores["fused"].pvalues(score_input(spec, "fused", query, values))
+    torch.testing.assert_close(values["fused"].double(), -torch.log(2.0 / (1.0 / p).sum(dim=1)))

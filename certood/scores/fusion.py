@@ -19,7 +19,10 @@ values of named scores of the same spec, each read at its own tap:
   bin (a cell with fewer than ``min_class_boxes`` rows falls back to the class, then to all).
   Box size is a nuisance for a detector's evidence (small boxes pool fewer pixels and get
   lower logits), so conditioning on it removes ID variance that is not about the class;
-- the p-values are combined by Fisher (``-2 sum log p_k``), Stouffer or min.
+- the p-values are combined by Fisher (``-2 sum log p_k``), Stouffer, min (Bonferroni's
+  ranking) or ``hmp``, the harmonic mean p-value (``-log(K / sum 1/p_k)``). Fisher adds the
+  evidence of every component, so a novelty that one component sees and the others do not is
+  diluted by their ID-like p-values; min and hmp follow the smallest p-values and keep it.
 
 Its input is ``[N, K + 1 + C]``: the K component values in ``of`` order, the box size, then
 the C foreground logits of its own tap (a logits tap), which give the predicted class
@@ -27,13 +30,16 @@ the C foreground logits of its own tap (a logits tap), which give the predicted 
 components' own units, so scales never need matching; the score is as cheap as a table
 lookup once its components are computed.
 
-Why it helps on detection, and why these components: the logits see what the classifier
-was trained to separate; the RoI residual sees feature activity in directions that no ID
-box uses (textures and strokes the box head never saw, in the 3,136 numbers before the MLP
-collapses them); box jitter sees instability of the prediction under the small box changes
-that localisation error produces anyway, which ID objects are trained to be robust to (the
-box head is trained on jittered proposals) and unknown objects are not. They fail on
-different boxes, and p-values put them on one ID-calibrated scale per class.
+Why it helps on detection: the evidence a detector offers fails on different boxes. The
+logits (energy) see what the classifier was trained to separate, and miss objects it maps
+confidently onto a known class; feature density (``lared``, ``larem``, ``mahalanobis`` on the
+penultimate features) sees where a box sits relative to the ID classes, and misses objects
+that land near a class; the RoI residual sees activity in directions no ID box uses; box
+jitter (``jitter_kl``) sees instability under the box changes localisation error produces
+anyway. p-values put them on one ID-calibrated scale per class. certood's default
+(``specs/detection_fusion.yaml``: energy + LaRED, ``combine: hmp``) was chosen by the worst
+AUROC over nine kinds of ID-made proxy OOD (benchmarks/select_fusion_families.py): on kinds
+where energy fails density holds and the reverse, and hmp keeps whichever sees the box.
 
 >>> import torch
 >>> ref = torch.cat([torch.rand(200, 2, generator=torch.Generator().manual_seed(0)),
