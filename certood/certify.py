@@ -90,6 +90,7 @@ PAD_ROWS = 1e-9  # relative widening of float64 bounds against rounding
 PAD_REL = 1e-5  # relative widening of score bounds: the detector and scores run in float32
 RADIUS_EXPAND = 4  # radius search: try eps * 2, 4, 8, 16 ...
 RADIUS_BISECT = 6  # ... then this many bisection steps
+BAB_SUBDOMAINS = 64  # method bab: subdomains bounded per box at most (and timeout_s seconds)
 
 
 # --- certificates --------------------------------------------------------------------------
@@ -677,6 +678,7 @@ def sparse_backend(composite: nn.Module, region: Region) -> Callable[..., tuple[
 
     run.staged = True
     run.spec_bounds = spec_bounds
+    run.crown = crown  # method bab splits this engine's ReLUs
     return run
 
 
@@ -762,8 +764,10 @@ class Certifier:
         if self.point not in CERTIFY_TAPS:
             raise CertoodError(f"certify.tap: expected a tap at {' or '.join(CERTIFY_TAPS)}, "
                                f"found '{options.tap}' at {self.point}")
+        # method bab bounds with CROWN first, then splits ReLUs (verifiers/bab.py)
         self.region = Region(norm=math.inf if options.norm == "inf" else float(options.norm),
-                             method=options.method, nonnegative=options.domain == "nonnegative")
+                             method="crown" if options.method == "bab" else options.method,
+                             nonnegative=options.domain == "nonnegative")
         prefix, classifier = split_head(head)
         self.requests: list[_Request] = []
         blocks: list[tuple[str, Tensor, Tensor]] = []  # (space, rows, bias); space: h or logits
@@ -889,18 +893,20 @@ class Certifier:
         return self._forward32_net
 
     def _refine_distances(self, z: Tensor, eps, rows: tuple[Tensor, Tensor], out: dict[str, tuple[Tensor, Tensor]],
-                          idx: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+                          idx: Tensor, state=None, near: dict | None = None) -> dict[str, tuple[Tensor, Tensor]]:
         """Mahalanobis bounds of boxes ``idx`` that keep the whitened coordinates' coupling
         (certood.verifiers.quadratic: a Fenchel lower bound and a secant upper bound, each
         through one CROWN-bounded linear function of the whitened features per class),
         intersected per class with the interval bound, then the min over classes.
         ``rows``: the padded row bounds of every box. Sound for any multipliers: the
-        nearest-point search only chooses them."""
+        nearest-point search only chooses them. ``state``: a sparse-CROWN state of these
+        boxes (branch and bound's subdomains) to bound the specifications over; ``near``: a
+        cache of nearest points per score (subdomains of one box share them)."""
         from certood.verifiers.quadratic import distance_bounds, nearest_points
         from certood.verifiers.reference import Region as RefRegion
 
         todo = [r for r in self.requests if r.kind == "mahalanobis" and r.source == "rows"]
-        if self._spec_bounds is None or not todo or not len(idx):
+        if (self._spec_bounds is None and state is None) or not todo or not len(idx):
             return out
         zi = z[idx].double()
         e = eps[idx] if isinstance(eps, Tensor) and eps.dim() else eps
@@ -916,12 +922,16 @@ class Certifier:
             def spec(Cr: Tensor, sl: slice = r.rows) -> tuple[Tensor, Tensor]:
                 C = Cr.new_zeros(Cr.shape[0], Cr.shape[1], self.n_rows)
                 C[:, :, sl] = Cr
+                if state is not None:
+                    return pad_bounds(*self._bound_rows.crown.spec_bounds(state.select(idx), C), rel=PAD_ROWS)
                 return pad_bounds(*self._spec_bounds(zi, e, C), rel=PAD_ROWS)
 
-            u_near = None
-            if box is not None:
+            u_near = None if near is None else near.get(r.name)
+            if box is not None and u_near is None:
                 net = self._forward32()
                 u_near = nearest_points(lambda x, sl=r.rows: net(x)[:, sl], box[0], box[1], offsets)
+                if near is not None:
+                    near[r.name] = u_near
             lower, upper = distance_bounds(spec, ul, uh, offsets, u_near)  # [n, C]
             ilo, ihi = class_distance_intervals(ul, uh, offsets)
             lo = torch.maximum(lower, ilo).min(dim=1).values
@@ -1037,6 +1047,14 @@ class Certifier:
         witnesses = self.witnesses(z, values, flags, verdicts, reasons, labels)
         reasons = [_witness_reason(w, bool(flags[i])) if w is not None and not (reasons[i] or "").startswith(
             "unsupported") else reasons[i] for i, w in enumerate(witnesses)]
+        if self.options.method == "bab":
+            margins = margins.clone()
+            for i in range(z.shape[0]):
+                if verdicts[i] == "undecided" and witnesses[i] is None and reasons[i] is not None \
+                        and reasons[i].startswith("bounds too loose"):
+                    verdicts[i], reasons[i], margins[i] = self._bab(z[i:i + 1], {k: v[i:i + 1] for k, v in values.items()},
+                                                                    bool(flags[i]),
+                                                                    None if labels is None else labels[i:i + 1])
         radii = self.radius(z, values, flags, verdicts, labels) if self.options.radius else None
         seconds = (time.perf_counter() - start) / max(1, z.shape[0])
         o = self.options
@@ -1049,6 +1067,42 @@ class Certifier:
             witness=None if witnesses[i] is None else witnesses[i].to_json(),
             witness_point=None if witnesses[i] is None else witnesses[i].point)
             for i in range(z.shape[0])]
+
+    def _bab(self, z: Tensor, values: dict[str, Tensor], flag: bool, labels: Tensor | None) -> tuple[str, str | None, float]:
+        """Branch and bound over the head's unstable ReLUs (certood.verifiers.bab) for one box
+        (``z`` ``[1, D]``) toward its own flag's verdict: every leaf subdomain bounded by sparse
+        CROWN with its phases fixed, scores and the coupled Mahalanobis bound from those
+        bounds, the rule decided under them. ``(verdict, reason, margin)``."""
+        from certood.verifiers.bab import branch_and_bound
+        from certood.verifiers.reference import Region as RefRegion
+
+        crown = getattr(self._bound_rows, "crown", None)
+        if crown is None:
+            return ("undecided", "bounds too loose; branch and bound needs certood's sparse engine (an L-inf "
+                    "region and a Linear/ReLU head)", float("nan"))
+        eps = float(self.options.eps)
+        zd = z.double()
+        lo, hi = RefRegion(zd, eps, lower=torch.zeros_like(zd) if self.region.nonnegative else None).box()
+        target = "certified_ood" if flag else "certified_id"
+        near: dict = {}
+
+        def decide(state, rlo, rhi):
+            b = rlo.shape[0]
+            zb = zd.expand(b, -1)
+            vals = {k: v.expand(b) for k, v in values.items()}
+            out = self.score_bounds(zb, eps, vals, (rlo, rhi), refine=False)
+            out = self._refine_distances(zb, eps, pad_bounds(rlo, rhi, rel=PAD_ROWS), out, torch.arange(b),
+                                         state=state, near=near)
+            th = self.box_thresholds(None if labels is None else labels.expand(b), b)
+            r = rule_under_bounds(self.spec.rule.tree, out, th)
+            proven = ~r.may_false if flag else ~r.may_true
+            margin = r.margin_lo if flag else -r.margin_hi
+            return proven, margin, 1.0 / (rhi - rlo).clamp(min=1e-9)
+
+        res = branch_and_bound(crown, lo, hi, decide, max_subdomains=BAB_SUBDOMAINS, time_s=self.options.timeout_s)
+        if res.status == "proved":
+            return target, None, res.margin
+        return "undecided", f"bounds too loose: {res.reason} (best margin {res.margin:.4g})", res.margin
 
     def witnesses(self, z: Tensor, values: dict[str, Tensor], flags: Tensor, verdicts: list[str],
                   reasons: list[str | None], labels: Tensor | None = None) -> list:

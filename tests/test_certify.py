@@ -541,3 +541,24 @@ def test_undecided_boxes_carry_counterexamples_that_re_evaluate(setup):
                                     {k: v[i:i + 1] for k, v in values.items()})
         assert flag == c.witness["flag"] != bool(flags[i])
         assert at == pytest.approx(c.witness["scores"], rel=1e-4)  # float32, one point vs a batch
+
+
+def test_method_bab_certifies_at_least_crowns_boxes_and_survives_the_attack(setup):
+    """certify.method bab: CROWN, then branch and bound over the head's ReLUs for boxes left
+    undecided without a counterexample; never fewer verdicts than CROWN, never a wrong one."""
+    head, scores, z = setup
+    spec = make_spec(rule="energy > t.energy or maha > t.maha", eps=0.03)
+    values = own_values(spec, scores, head, z)
+    monitor = monitor_for(spec, scores, values)
+    flags = monitor.flag(values)
+    crown = certify_boxes(monitor, head, z, values, flags)
+    options = dataclasses.replace(spec.certify, method="bab", timeout_s=1.0)
+    bab = certify_boxes(monitor, head, z, values, flags, options)
+    cv = [c.verdict for c in crown.certificates]
+    bv = [c.verdict for c in bab.certificates]
+    assert all(b == c for b, c in zip(bv, cv) if c != "undecided")
+    assert sum(v != "undecided" for v in bv) >= sum(v != "undecided" for v in cv)
+    assert all(c.reason for c in bab.certificates if c.verdict == "undecided")
+    spec_bab = dataclasses.replace(spec, certify=options)
+    a = attack(setup, spec_bab, monitor, values, bab)
+    assert a.n_violations == 0, a.violations[:5]

@@ -112,6 +112,16 @@ def _round_up(x: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(y.double() < x, torch.nextafter(y, torch.full_like(y, math.inf)), y)
 
 
+def _fix(lo: Tensor, hi: Tensor, phase: Tensor, empty: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Clip pre-activation bounds to fixed phases (+1: ``>= 0``, -1: ``<= 0``); rows where a
+    clipped bound crosses are empty subdomains (their bounds are then left meaningless)."""
+    lo = torch.where(phase > 0, lo.clamp(min=0), lo)
+    hi = torch.where(phase < 0, hi.clamp(max=0), hi)
+    crossed = (lo > hi).any(1)
+    hi = torch.where(crossed.unsqueeze(1), torch.maximum(lo, hi), hi)  # keep later arithmetic finite
+    return lo, hi, empty | crossed
+
+
 def _columns(A: Tensor) -> Tensor:
     """Indices of the columns of ``A`` that are not all zero."""
     return (A != 0).any(0).nonzero().flatten()
@@ -138,11 +148,13 @@ class CrownState:
     rows: int = 0
     macs: int = 0
     engine: "SparseCrown | None" = None
+    empty: Tensor | None = None  # [N] bool: a fixed phase contradicts the bounds (an empty subdomain)
 
     def select(self, idx: Tensor) -> "CrownState":
         """The state of boxes ``idx`` only (the intermediate bounds are per box)."""
         return CrownState([(lo[idx], hi[idx]) for lo, hi in self.pre], self.centre1[idx], self.spread1[idx],
-                          self.rad[idx], self.lower[idx], self.upper[idx], engine=self.engine)
+                          self.rad[idx], self.lower[idx], self.upper[idx], engine=self.engine,
+                          empty=None if self.empty is None else self.empty[idx])
 
     def find(self, lower: Tensor, upper: Tensor) -> Tensor | None:
         """Indices of boxes ``[lower, upper]`` among this state's boxes (equal bit for bit),
@@ -235,12 +247,26 @@ class SparseCrown:
         self.stats = {"boxes": lower.shape[0], "rows": state.rows, "wide_macs": state.macs}
         return lo, hi
 
-    def prepare(self, lower: Tensor, upper: Tensor) -> "CrownState":
+    def prepare(self, lower: Tensor, upper: Tensor, phases: list[Tensor] | None = None,
+                within: list[tuple[Tensor, Tensor]] | None = None) -> "CrownState":
         """The boxes' intermediate bounds, for :meth:`spec_bounds` (computed once, reused by
-        every specification bounded over the same boxes)."""
+        every specification bounded over the same boxes).
+
+        ``phases`` (branch and bound): per hidden layer ``[N, width]``, +1 where the neuron is
+        fixed active (the subdomain ``{x in box : pre-activation >= 0}``), -1 fixed inactive
+        (``<= 0``), 0 free. A fixed neuron's bounds are clipped at 0, which is exact over its
+        subdomain and makes its relaxation exact; every later layer is bounded again from
+        those bounds, so all bounds hold over the subdomain (the intersection of the box with
+        every fixed half-space). ``state.empty`` marks subdomains whose clipped bounds cross
+        (no point of the box has those phases). ``within``: bounds per hidden layer known to
+        hold over each subdomain already (its parent's): every layer's bounds are intersected
+        with them before the next layer is bounded (CROWN's adaptive slopes make a child's own
+        bounds occasionally looser than its parent's)."""
         lower, upper = self._check(lower, upper)
         if self.gemm_dtype == torch.float32 and not float32_products_are_ieee():
-            return SparseCrown(self.layers, torch.float64).prepare(lower, upper)
+            return SparseCrown(self.layers, torch.float64).prepare(lower, upper, phases, within)
+        if phases is not None:
+            return self._intermediate(lower, upper, phases, within)
         cached = self.last_state
         idx = cached.find(lower, upper) if cached is not None else None
         if idx is not None:  # the same boxes as the last call: its intermediate bounds
@@ -269,12 +295,30 @@ class SparseCrown:
             lo[i], hi[i], _ = engine._backsubstitute(len(engine.weights) - 1, C[i] @ W, C[i] @ b, i, state)
         return lo, hi
 
-    def _intermediate(self, lower: Tensor, upper: Tensor) -> "CrownState":
+    def final_bounds(self, state: "CrownState") -> tuple[Tensor, Tensor]:
+        """CROWN bounds of every output over each box (subdomain) of ``state``."""
+        engine = state.engine if state.engine is not None else self
+        if len(engine.weights) == 1:
+            return state.pre[0]
+        W, b = engine.weights[-1]
+        n = state.centre1.shape[0]
+        lo, hi = (torch.empty(n, W.shape[0], dtype=torch.float64) for _ in range(2))
+        for i in range(n):
+            lo[i], hi[i], _ = engine._backsubstitute(len(engine.weights) - 1, W, b, i, state)
+        return lo, hi
+
+    def _intermediate(self, lower: Tensor, upper: Tensor, phases: list[Tensor] | None = None,
+                      within: list[tuple[Tensor, Tensor]] | None = None) -> "CrownState":
         """Bounds of every hidden pre-activation: IBP from the previous bounds, CROWN for the
-        rows it leaves unstable."""
+        rows it leaves unstable (``phases``: see :meth:`prepare`)."""
         rad = (upper - lower) / 2
         l1, u1, centre1, spread1 = self._first(lower, upper)
-        state = CrownState([(l1, u1)], centre1, spread1, rad, lower, upper, engine=self)
+        empty = torch.zeros(lower.shape[0], dtype=torch.bool)
+        if within is not None:
+            l1, u1 = torch.maximum(l1, within[0][0]), torch.minimum(u1, within[0][1])
+        if phases is not None:
+            l1, u1, empty = _fix(l1, u1, phases[0], empty)
+        state = CrownState([(l1, u1)], centre1, spread1, rad, lower, upper, engine=self, empty=empty)
         for k in range(1, len(self.weights) - 1):
             W, b = self.weights[k]
             lo, hi = _interval(W, b, state.pre[-1][0].clamp(min=0), state.pre[-1][1].clamp(min=0))
@@ -286,6 +330,10 @@ class SparseCrown:
                 lo[i, rows], hi[i, rows] = lo_i, hi_i
                 state.rows += len(rows)
                 state.macs += m
+            if within is not None:
+                lo, hi = torch.maximum(lo, within[k][0]), torch.minimum(hi, within[k][1])
+            if phases is not None:
+                lo, hi, state.empty = _fix(lo, hi, phases[k], state.empty)
             state.pre.append((lo, hi))
         return state
 

@@ -436,8 +436,10 @@ CERTIFY = Record({
                  + " or ".join(CERTIFY_TAP_POINTS)),
     "norm": Field(Enum(("inf", 2)), default="inf", description="norm of the region: inf or 2"),
     "eps": Field(Float(gt=0), required=True, description="radius of the region around each box's feature"),
-    "method": Field(Enum(("ibp", "crown", "alpha-crown")), default="crown",
-                    description="bound propagation; alpha-crown is tightest and slowest"),
+    "method": Field(Enum(("ibp", "crown", "alpha-crown", "bab")), default="crown",
+                    description="bound propagation; alpha-crown is tighter and slower; bab: CROWN, then "
+                    "branch and bound over unstable ReLUs (verifiers/bab.py) for the boxes left undecided "
+                    "without a counterexample, within timeout_s seconds and 64 subdomains per box"),
     "engine": Field(Enum(("auto", "auto_lirpa")), default="auto",
                     description="auto: certood's sparse CROWN (verifiers/sparse_crown.py, auto_LiRPA's relaxation) "
                     "for IBP and CROWN on Linear/ReLU heads under the L-inf norm, auto_LiRPA otherwise; "
