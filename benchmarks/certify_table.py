@@ -2,14 +2,22 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/certify_table.py [--images 100]
         [--eps 0.001,0.003,0.005,0.01,0.02] [--alpha-eps 0.005] [--alpha-boxes 8]
+        [--bab-eps 0.005,0.01] [--bab-timeout 1.0]
 
 On the demo (``specs/certified.yaml``: builtin detector, energy-or-Mahalanobis rule, L-inf
 region at the RoI tap), with the first ``--images`` images of id_test and of each OOD set:
 
 - per eps, the fraction of boxes (all boxes, and the flagged ones) certified by IBP, by CROWN
-  (certood's production path: IBP for every box, CROWN only where the rule is still open) and,
+  with the interval Mahalanobis bound (squares of the whitened coordinates' interval bounds
+  summed: certood before the coupled bound), by CROWN (certood's production path: IBP for
+  every box, CROWN only where the rule is still open, the coupled Mahalanobis bound of
+  certood.verifiers.quadratic where it is still open after that) and,
   on ``--alpha-boxes`` boxes per set at ``--alpha-eps``, by alpha-CROWN (with CROWN on the same
   boxes beside it);
+- with ``--bab-eps``, the same for ``certify.method: bab`` (CROWN, then branch and bound over
+  the head's ReLUs for boxes left undecided without a counterexample, ``--bab-timeout``
+  seconds and 64 subdomains per box), and per eps the share of CROWN's undecided boxes that
+  carry a counterexample (certood.verifiers.witness: no method can certify those);
 - next to them the PGD upper bound: the fraction of boxes whose own verdict (flagged or not) an
   attack could not flip inside the region (uniform and vertex samples, then PGD on the rule's
   margin, certood.verifiers.attack). No complete method can certify more than that;
@@ -50,6 +58,25 @@ from certood.verifiers.attack import attack_certificates  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "certify_table"
 SMALL_SIZES = [(8, 16, 16, 2), (16, 32, 32, 2), (16, 32, 32, 4)]
+
+
+def interval_backend(engine: str = "auto"):
+    """certood's backend without per-box specifications: the Mahalanobis score keeps its
+    interval bound (what the coupled bound is measured against)."""
+    from certood.certify import default_backend
+
+    make = default_backend(engine)
+
+    def build(composite, region):
+        run = make(composite, region)
+
+        def plain(*args, **kwargs):
+            return run(*args, **kwargs)
+
+        plain.staged = getattr(run, "staged", False)
+        return plain
+
+    return build
 
 
 def crown_floor(spec, monitor, head, parts, eps) -> dict:
@@ -142,6 +169,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eps", default="0.001,0.003,0.005,0.01,0.02")
     parser.add_argument("--alpha-eps", default="0.005")
     parser.add_argument("--alpha-boxes", type=int, default=8, help="boxes per set for alpha-CROWN")
+    parser.add_argument("--bab-eps", default="", help="eps at which to run certify.method bab (all boxes)")
+    parser.add_argument("--bab-timeout", type=float, default=1.0, help="branch and bound seconds per box")
     parser.add_argument("--pgd-steps", type=int, default=20)
     parser.add_argument("--pgd-samples", type=int, default=100)
     parser.add_argument("--small-per-size", type=int, default=5)
@@ -152,6 +181,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     eps_list = [float(e) for e in args.eps.split(",")]
     alpha_eps = [float(e) for e in args.alpha_eps.split(",") if e]
+    bab_eps = [float(e) for e in args.bab_eps.split(",") if e]
 
     spec = load_spec(args.spec)
     o = spec.certify
@@ -176,24 +206,36 @@ def main(argv=None) -> int:
     det_per_image = det_seconds / n_images
     n_boxes = sum(len(p["z"]) for p in parts.values())
 
+    last = {}
+
     def certify(part, eps, method, engine="auto", sl=slice(None)):
-        opts = dataclasses.replace(o, eps=eps, method=method, engine=engine)
+        backend, extra = None, {}
+        if method == "crown_interval":
+            method, backend = "crown", interval_backend(engine)
+        if method == "bab":
+            extra = {"timeout_s": args.bab_timeout}
+        opts = dataclasses.replace(o, eps=eps, method=method, engine=engine, **extra)
         t = time.perf_counter()
         r = certify_boxes(monitor, head, part["z"][sl], {k: v[sl] for k, v in part["values"].items()},
-                          part["flags"][sl], opts, labels=part["labels"][sl])
+                          part["flags"][sl], opts, labels=part["labels"][sl], backend=backend)
+        undecided = [c for c in r.certificates if c.verdict == "undecided"]
+        last["with_witness"] = (sum(c.witness is not None for c in undecided) / len(undecided)
+                                if undecided else None)
         return [c.verdict for c in r.certificates], time.perf_counter() - t
 
     table = []
     for eps in eps_list:
         row = {"eps": eps, "sets": {}, "cost": {}}
         crown_verdicts = {}
-        for method in ("ibp", "crown"):
+        for method in ("ibp", "crown_interval", "crown") + (("bab",) if eps in bab_eps else ()):
             seconds = 0.0
             for name, part in parts.items():
                 verdicts, s = certify(part, eps, method)
-                crown_verdicts[name] = verdicts
                 seconds += s
                 row["sets"].setdefault(name, {})[method] = rates(verdicts, part["flags"].tolist())
+                if method == "crown":
+                    crown_verdicts[name] = verdicts
+                    row["sets"][name]["crown"]["undecided_with_witness"] = last["with_witness"]
             row["cost"][method] = {"seconds_per_box": seconds / n_boxes, "seconds_per_image": seconds / n_images,
                                    "to_detector": seconds / n_images / det_per_image}
         if eps == o.eps:  # the same CROWN through auto_LiRPA (staged alike): cost, and the same verdicts?
@@ -250,6 +292,10 @@ def main(argv=None) -> int:
     return 0
 
 
+# columns shown when the run measured them: (key, title); the first sits before CROWN
+OPTIONAL_COLUMNS = [("crown_interval", "CROWN, interval Mahalanobis"), ("bab", "BaB")]
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
@@ -265,17 +311,29 @@ def render(out: dict) -> str:
              "## Certified boxes (%): all boxes / flagged boxes\n",
              "PGD = boxes whose own verdict the attack could not flip: an upper bound on what any "
              "complete method could certify. CROWN is certood's production path (IBP first, CROWN "
-             "where the rule is still open).\n",
-             "| eps | set | IBP | CROWN | PGD upper bound | CROWN / detector (per image) |",
-             "|---|---|---|---|---|---|"]
+             "where the rule is still open, then the coupled Mahalanobis bound where it is still open); "
+             "CROWN, interval Mahalanobis: the same without the coupled bound.\n",
+             ]
+    measured = {k for row in out["table"] for s in row["sets"].values() for k in s}
+    optional = [(k, title) for k, title in OPTIONAL_COLUMNS if k in measured]
+    methods = ["ibp"] + [k for k, _ in optional[:1]] + ["crown"] + [k for k, _ in optional[1:]]
+    titles = {"ibp": "IBP", "crown": "CROWN", **dict(optional)}
+    lines += ["| eps | set | " + " | ".join(titles[m] for m in methods) + " | PGD upper bound | "
+              "CROWN / detector (per image) |", "|---|---|" + "---|" * (len(methods) + 2)]
     for row in out["table"]:
         for name in sets:
             s = row["sets"][name]
-            lines.append(f"| {row['eps']:g} | {name} | {_pct(s['ibp']['certified'])} / "
-                         f"{_pct(s['ibp']['certified_flagged'])} | {_pct(s['crown']['certified'])} / "
-                         f"{_pct(s['crown']['certified_flagged'])} | {_pct(s['pgd_upper_bound']['unflipped'])} / "
+            cells = " | ".join(f"{_pct(s[m]['certified'])} / {_pct(s[m]['certified_flagged'])}" if m in s else "-"
+                               for m in methods)
+            lines.append(f"| {row['eps']:g} | {name} | {cells} | {_pct(s['pgd_upper_bound']['unflipped'])} / "
                          f"{_pct(s['pgd_upper_bound']['unflipped_flagged'])} | "
                          f"{row['cost']['crown']['to_detector']:.2f}x |")
+    witnessed = [r for r in out["table"] if "undecided_with_witness" in r["sets"][sets[0]]["crown"]]
+    if witnessed:
+        lines += ["", "Undecided boxes (CROWN) with a counterexample in their region (%, "
+                  + " / ".join(sets) + "): "
+                  + "; ".join(f"eps {r['eps']:g}: " + " / ".join(_pct(r["sets"][n]["crown"]["undecided_with_witness"])
+                                                           for n in sets) for r in witnessed) + "."]
     alpha = [r for r in out["table"] if "alpha_crown" in r["cost"]]
     if alpha:
         lines += ["", "## alpha-CROWN on a subsample (certified %, all / flagged)\n",
