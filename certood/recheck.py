@@ -35,8 +35,8 @@ What is checked:
    nonnegative, nonnegative; the box's own scores recomputed from it in float64 must be the
    ones boxes.jsonl records (relative 1e-4 + absolute 1e-5 * (1 + |score|), float32 vs
    float64), its flag the rule's on those scores under the monitor's thresholds.
-4. *The stored bounds.* They must decide the claimed verdict and contain the box's own
-   scores.
+4. *The stored bounds.* They must decide the claimed verdict (with the stored margin) and
+   contain the box's own scores.
 5. *The re-proof.* The score bounds are recomputed in float64 with certood's own bound code
    (``certood.verifiers.reference``; IBP and CROWN, intersected), the rule is decided under
    them (z3 when the certificate says ``exact: z3``), and the verdict must be the claimed one;
@@ -592,9 +592,14 @@ def _bounds_problems(certifier, cert: dict, stored: dict, own: dict[str, float],
         return [f"stored bounds of {', '.join(bad)} are not intervals"]
     bounds = {k: (torch.tensor([lo], dtype=torch.float64), torch.tensor([hi], dtype=torch.float64))
               for k, (lo, hi) in stored.items() if k in names}
-    verdict = certifier.decide(bounds, labels)[0][0]
-    if verdict != cert["verdict"]:
-        problems.append(f"the stored bounds give {verdict}, not {cert['verdict']}")
+    verdicts, margins, _ = certifier.decide(bounds, labels)
+    if verdicts[0] != cert["verdict"]:
+        problems.append(f"the stored bounds give {verdicts[0]}, not {cert['verdict']}")
+    margin, claimed = float(margins[0]), cert.get("margin")
+    same = (claimed is None and not math.isfinite(margin)) or (
+        isinstance(claimed, (int, float)) and abs(float(claimed) - margin) <= 1e-9 * (1 + abs(margin)))
+    if not same:
+        problems.append(f"margin {claimed!r}, but the stored bounds give {margin:.9g}")
     for name, v in own.items():
         lo, hi = stored[name]
         if not (lo <= v <= hi):
@@ -750,9 +755,12 @@ def recheck(results_dir: str | Path, allow_unconfirmed: bool = False, from_image
 
     results_dir = Path(results_dir)
     records, tensors, meta = _load(results_dir)
-    spec = _spec_namespace(meta)
-    options = CertifySpec(**meta["certify"])
-    point = spec.taps[options.tap]
+    try:
+        spec = _spec_namespace(meta)
+        options = CertifySpec(**meta["certify"])
+        point = spec.taps[options.tap]
+    except (CertoodError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"{results_dir / FEATURES_FILE}: malformed metadata ({type(e).__name__}: {e})") from None
     problems = _integrity_problems(meta, tensors)
     monitor = _monitor(results_dir, meta, tensors)
     detector = _detector(meta)
@@ -779,26 +787,27 @@ def recheck(results_dir: str | Path, allow_unconfirmed: bool = False, from_image
     for i in certified:
         findings[i] = _box_problems(spec, monitor, certifier, head64, options, point, records[i],
                                     tensors.get(f"box/{i}"), images.get(i), dim, own_of, i)
-    ready = [i for i in certified if not findings[i]]
+    ready = [i for i in certified if i in own_of]
     proofs = _reprove_all(certifier, records, tensors, own_of, ready, float(options.eps), chunk)
 
     unconfirmed: dict[int, str] = {}
     for i in certified:
         r, cert = records[i], records[i]["certificate"]
-        found, by = findings[i], None
-        if not found:
+        found, short, by = findings[i], [], None
+        if i in proofs:  # what the re-proof falls short of (a tighter method may reach it)
             proof, radius_proof = proofs[i]
-            if proof.by is None:
-                found.append(f"float64 IBP/CROWN bounds give {proof.verdict}, not {cert['verdict']}")
-            else:
-                found += _narrower(_stored_bounds(cert), proof.bounds)
-            if radius_proof is not None and radius_proof.by is None:
-                found.append(f"radius {cert['radius']:.6g} not re-proven by float64 IBP/CROWN "
-                             f"(they give {radius_proof.verdict})")
-            if found and cert.get("method") in TIGHTER_METHODS:
-                unconfirmed[i] = f"{'; '.join(found)} (certified with {cert.get('method')}, tighter than the recheck)"
-                continue
             by = proof.by
+            if proof.by is None:
+                short.append(f"float64 IBP/CROWN bounds give {proof.verdict}, not {cert['verdict']}")
+            else:
+                short += _narrower(_stored_bounds(cert), proof.bounds)
+            if radius_proof is not None and radius_proof.by is None:
+                short.append(f"radius {cert['radius']:.6g} not re-proven by float64 IBP/CROWN "
+                             f"(they give {radius_proof.verdict})")
+        if short and not found and cert.get("method") in TIGHTER_METHODS:
+            unconfirmed[i] = f"{'; '.join(short)} (certified with {cert.get('method')}, tighter than the recheck)"
+            continue
+        found = found + short
         report.boxes.append(BoxRecheck(i, r.get("dataset", ""), str(cert.get("verdict")),
                                        "contradicted" if found else "confirmed", None if found else by,
                                        "; ".join(found)))
@@ -822,8 +831,9 @@ def recheck(results_dir: str | Path, allow_unconfirmed: bool = False, from_image
 
 def _box_problems(spec, monitor: _Monitor, certifier, head64, options, point: str, record: dict,
                   feature: Tensor | None, image, dim: int, own_of: dict, index: int) -> list[str]:
-    """Checks 2-4 and 6 of the module docstring for one certified box (its own scores go to
-    ``own_of[index]``)."""
+    """Checks 2-4 and 6 of the module docstring for one certified box. When the box can be
+    re-proven (a usable feature, numeric scores, complete stored bounds), its own scores go
+    to ``own_of[index]``, whatever else was found (every disagreement is reported)."""
     from certood.spec.rule import class_key
 
     cert = record["certificate"]
@@ -844,11 +854,15 @@ def _box_problems(spec, monitor: _Monitor, certifier, head64, options, point: st
     elif image is not None:
         found += _image_problems(image[0], z)
         own.update(_early_scores(spec, monitor.scores, point, image[1]))
-    own_of[index] = own
     thresholds = {**monitor.thresholds, **{class_key(k): torch.tensor(v, dtype=torch.float64)
                                            for k, v in monitor.class_thresholds.items()}}
     found += _record_problems(spec, own, record, thresholds, label)
-    found += _bounds_problems(certifier, cert, _stored_bounds(cert), own, spec.scores, label)
+    stored = _stored_bounds(cert)
+    found += _bounds_problems(certifier, cert, stored, own, spec.scores, label)
+    numeric = all(isinstance(recorded.get(n), (int, float)) and math.isfinite(recorded[n]) for n in spec.scores)
+    complete = all(n in stored and stored[n][0] <= stored[n][1] for n in spec.scores)
+    if numeric and complete and cert.get("verdict") in ("certified_ood", "certified_id"):
+        own_of[index] = own
     return found
 
 

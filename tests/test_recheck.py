@@ -187,6 +187,7 @@ PER_BOX = [
     (_narrow_around_own, "narrower than the re-proven"),
     (lambda r: r["certificate"].update(eps=0.5), "claims eps 0.5"),
     (lambda r: r["certificate"].update(verdict=FLIP[r["certificate"]["verdict"]]), "the stored bounds give"),
+    (lambda r: r["certificate"].update(margin=r["certificate"]["margin"] * 2), "but the stored bounds give"),
 ]
 
 
@@ -203,6 +204,9 @@ def test_each_altered_certificate_is_named(results, tmp_path, flags):
     for i, (change, message) in zip(certified, PER_BOX):
         change(records[i])
         expected[i] = message
+        if change is _narrow_around_own:  # a careful forger writes the margin that goes with them
+            records[i]["certificate"]["margin"] = _margin(d, records[i]["certificate"]["score_bounds"])
+            narrowed = i
     _forge_undecided(0.0)(records[undecided[0]])  # an undecided box forged to a certificate, eps 0
     expected[undecided[0]] = f"no stored feature box/{undecided[0]}"
     _write_records(d, records)
@@ -214,6 +218,7 @@ def test_each_altered_certificate_is_named(results, tmp_path, flags):
     for i, message in expected.items():
         assert message in _detail(payload, i), (i, message, _detail(payload, i))
     assert "claims eps 0.0" in _detail(payload, undecided[0])
+    assert "margin" not in _detail(payload, narrowed)  # caught by the re-proof alone
     assert {b["index"] for b in payload["disagreements"]} == set(expected)
     assert payload["counts"]["confirmed"] == len(certified) - len(PER_BOX) - 1
 
@@ -271,22 +276,41 @@ def test_missing_monitor_is_a_data_error(results, tmp_path):
 
 
 # --- --allow-unconfirmed: tighter methods, and recheck's own attack -------------------------------
+def _margin(d: Path, bounds: dict) -> float:
+    """The rule's margin under score ``bounds`` (as certood.certify.Certifier.decide gives it),
+    with the monitor's thresholds: what a careful forger writes beside forged bounds."""
+    import torch
+
+    from certood.certify import rule_under_bounds
+    from certood.spec.rule import parse_rule
+
+    rule = json.loads((d / "metrics.json").read_text())["monitor"]["rule"]
+    thresholds = json.loads((d / "monitor" / "manifest.json").read_text())["thresholds"]
+    r = rule_under_bounds(parse_rule(rule).tree, {n: (torch.tensor([lo], dtype=torch.float64),
+                                                      torch.tensor([hi], dtype=torch.float64))
+                                                  for n, (lo, hi) in bounds.items()}, thresholds)
+    m = torch.where(~r.may_false, r.margin_lo,
+                    torch.where(~r.may_true, -r.margin_hi, torch.maximum(r.margin_lo, -r.margin_hi)))
+    return float(m[0])
+
+
 def _as_alpha_crown(d: Path, shrink: float | None = None) -> list[int]:
     """Relabel the whole run as alpha-CROWN (features file, metrics.json, every certificate),
     each stored interval shrunk toward the box's own score by ``shrink`` (narrower than the
-    recheck's CROWN, as alpha-CROWN's may be); the certified indices."""
+    recheck's CROWN, as alpha-CROWN's may be; margins to match); the certified indices."""
     _edit_features(d, lambda t, m: m["certify"].update(method="alpha-crown"))
     _edit_json(d / "metrics.json", lambda m: m["certify"].update(method="alpha-crown"))
     records = _records(d)
     certified = []
     for i, r in enumerate(records):
-        r["certificate"]["method"] = "alpha-crown"
-        if r["certificate"]["verdict"] != "undecided":
+        c = r["certificate"]
+        c["method"] = "alpha-crown"
+        if c["verdict"] != "undecided":
             certified.append(i)
             if shrink is not None:
-                r["certificate"]["score_bounds"] = {
-                    n: [v - shrink * (v - lo), v + shrink * (hi - v)]
-                    for n, (lo, hi) in r["certificate"]["score_bounds"].items() for v in [r["scores"][n]]}
+                c["score_bounds"] = {n: [v - shrink * (v - lo), v + shrink * (hi - v)]
+                                     for n, (lo, hi) in c["score_bounds"].items() for v in [r["scores"][n]]}
+                c["margin"] = _margin(d, c["score_bounds"])
     _write_records(d, records)
     return certified
 
