@@ -24,10 +24,10 @@ What is checked:
    scores.safetensors must match its manifest's sha256 and the stored score tensors,
    ``manifest.json`` thresholds, class thresholds, detector threshold and score kinds must
    be those the certificates were made under, and metrics.json must say the same rule,
-   certify options and verdict counts; a box whose feature is stored (the check certified it)
-   must still be certified in boxes.jsonl. Any mismatch is a disagreement naming both sides (hashes or values).
-   The re-proof itself always uses the detector's head and the monitor's tensors and
-   thresholds, never the stored copies.
+   certify options and verdict counts; a box whose feature is stored (the check certified
+   it) must still be certified in boxes.jsonl. Any mismatch is a disagreement naming both
+   sides (hashes or values). The re-proof itself always uses the detector's head and the
+   monitor's tensors and thresholds, never the stored copies.
 2. *The claim on file.* A certificate's eps, norm, domain, tap, method and exact must be the
    check's certify options (a certificate claiming another region, another domain or
    another method was not produced by that check).
@@ -483,8 +483,9 @@ def _metrics_problems(results_dir: Path, meta: dict, records: list[dict]) -> lis
         per_set[str(verdict)] = per_set.get(str(verdict), 0) + 1
     for name, entry in (metrics.get("certificates") or {}).items():
         want = {k: v for k, v in ((entry or {}).get("counts") or {}).items() if v}
-        if want != counted.get(name, {}):
-            problems.append(f"metrics.json: certificates.{name}.counts {want}, boxes.jsonl holds {counted.get(name, {})}")
+        held = counted.get(name, {})
+        if want != held:
+            problems.append(f"metrics.json: certificates.{name}.counts {want}, boxes.jsonl holds {held}")
     return problems
 
 
