@@ -18,7 +18,17 @@ those bounds, and the rule is decided under the score bounds:
 - ``certified_ood``: the rule flags every point of R(z);
 - ``certified_id``: the rule flags no point of R(z);
 - ``undecided``: neither is proven; ``reason`` says why (bounds too loose, z3 timeout, a
-  score without a bound, a failed self-check) and ``margin`` how far from a proof.
+  score without a bound, a failed self-check) and ``margin`` how far from a proof. Where a
+  short attack (certood.verifiers.witness) finds a point of R(z) that the rule decides the
+  other way than the box itself, the reason starts with ``counterexample:`` and the
+  certificate carries the ``witness`` (see :class:`Certificate`): no method can certify
+  that box at that eps.
+
+``certify.method: bab`` bounds with CROWN, then, for boxes left undecided by loose bounds and
+without a counterexample, splits the head's unstable ReLUs (certood.verifiers.bab) within
+``timeout_s`` seconds and :data:`BAB_SUBDOMAINS` subdomains per box; such a certificate's
+``score_bounds`` are the whole region's (which alone do not decide it): it is proven only
+leaf by leaf, so a re-check must re-run the leaves.
 
 How each score is bounded (one entry per kind in :data:`BOUNDERS`; a kind without one is
 unbounded, ``[-inf, inf]``, so a rule that does not need it can still be decided):
