@@ -189,11 +189,15 @@ def test_devices_and_huge_files_are_never_opened_or_parsed(tmp_path, monkeypatch
 
 
 def test_huge_text_in_memory_is_refused_before_parsing(monkeypatch):
+    def unit(text):
+        return "bytes" if isinstance(text, bytes) else "characters"
+
     monkeypatch.setattr(source_module, "_Reader", lambda *a: pytest.fail("parsed"))
     for text in ("a: 1\n" * (MAX_SPEC_BYTES // 5 + 1), b"#" * (MAX_SPEC_BYTES + 1)):
         (issue,) = read_yaml(text, "m.yaml").issues
-        assert (issue.line, issue.column) == (1, 1) and "over" not in issue.found
-        assert issue.expected.startswith("a spec of at most")
+        assert (issue.line, issue.column) == (1, 1) and issue.found == f"{len(text):,} {unit(text)}"
+        assert issue.expected == ("a spec of at most 1 MiB" if isinstance(text, bytes)
+                                  else f"a spec of at most {MAX_SPEC_BYTES:,} characters")
 
 
 @pytest.mark.parametrize("text", [
@@ -330,7 +334,12 @@ def test_validate_dev_zero_in_a_subprocess_exits_2_without_a_traceback():
 
 def test_doctests_of_the_file_reader():
     assert doctest.testmod(files_module).failed == 0
-    assert read_spec_bytes.__doc__ and MAX_SPEC_BYTES == 1 << 20
+
+
+def test_a_regular_spec_file_within_the_limit_is_read_whole(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_bytes(b"#" * (MAX_SPEC_BYTES - 1) + b"\n")
+    assert read_spec_bytes(path) == path.read_bytes()
 
 
 def test_a_chain_of_extends_is_read_within_the_limit_of_one_file(tmp_path):
