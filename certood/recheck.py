@@ -50,7 +50,7 @@ What is checked:
    the last bits); scores read before the certify tap are compared with the record too.
 
 Outcomes per box: ``confirmed`` (every check passes), ``unconfirmed`` (only for methods
-tighter than the recheck's CROWN, alpha-CROWN: nothing contradicts it, but the float64
+tighter than the recheck's CROWN, alpha-CROWN and branch and bound: nothing contradicts it, but the float64
 re-proof, or the stored bounds' containment, fails where the tighter method may succeed) and
 ``contradicted`` (any check failed). With ``allow_unconfirmed`` the recheck attacks every
 unconfirmed certificate (``certood.verifiers.attack``: samples, then PGD on the rule's
@@ -84,7 +84,7 @@ SCORE_RTOL, SCORE_ATOL = 1e-4, 1e-5  # record (float32) vs float64 recompute: |d
 FEATURE_RTOL, FEATURE_ATOL = 1e-4, 1e-5  # --from-images: |z_new - z| <= atol + rtol |z| per coordinate
 BOUND_SLACK = 1e-6  # stored bounds may be narrower than the re-proven ones by this * (1 + |b|)
 BOX_TOLERANCE_PX = 0.02  # --from-images: boxes.jsonl rounds coordinates to 0.01 px
-TIGHTER_METHODS = ("alpha-crown",)  # methods that may prove what the recheck's CROWN cannot
+TIGHTER_METHODS = ("alpha-crown", "bab")  # methods that may prove what the recheck's CROWN cannot
 RECHECK_METHODS = ("ibp", "crown")
 ATTACK = {"n_samples": 200, "steps": 30, "restarts": 2, "seed": 0}  # --allow-unconfirmed
 CLAIM_FIELDS = ("eps", "norm", "domain", "method", "exact")
