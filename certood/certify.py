@@ -617,9 +617,9 @@ def lirpa_backend(composite: nn.Module, region: Region) -> Callable[..., tuple[T
     dtype = next(composite.parameters()).dtype
     bounder = Bounder(composite)
 
-    def run(z: Tensor, eps, method: str | None = None) -> tuple[Tensor, Tensor]:
+    def bound(z: Tensor, eps, **kwargs) -> tuple[Tensor, Tensor]:
         z = z.to(dtype)
-        kwargs: dict[str, Any] = {"norm": region.norm, "method": method or region.method}
+        kwargs["norm"] = region.norm
         if region.norm == math.inf:
             if isinstance(eps, Tensor):
                 eps = eps.to(dtype).reshape(-1, 1)
@@ -630,19 +630,12 @@ def lirpa_backend(composite: nn.Module, region: Region) -> Callable[..., tuple[T
         b = bounder(z, eps, **kwargs)
         return b.lower.double(), b.upper.double()
 
+    def run(z: Tensor, eps, method: str | None = None) -> tuple[Tensor, Tensor]:
+        return bound(z, eps, method=method or region.method)
+
     def spec_bounds(z: Tensor, eps, C: Tensor) -> tuple[Tensor, Tensor]:
         """CROWN bounds of ``C[n] @ rows`` over box n's region (``C`` ``[N, K, rows]``)."""
-        z = z.to(dtype)
-        kwargs: dict[str, Any] = {"norm": region.norm, "method": "crown", "C": C.to(dtype)}
-        if region.norm == math.inf:
-            if isinstance(eps, Tensor):
-                eps = eps.to(dtype).reshape(-1, 1)
-            if region.nonnegative:
-                kwargs["x_lower"] = torch.zeros_like(z)
-        else:
-            eps = float(eps)
-        b = bounder(z, eps, **kwargs)
-        return b.lower.double(), b.upper.double()
+        return bound(z, eps, method="crown", C=C.to(dtype))
 
     run.staged = True  # takes method=: Certifier.certify bounds with IBP first
     run.spec_bounds = spec_bounds  # per-box linear specifications (the Mahalanobis bound)
