@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,22 +240,36 @@ def generate_digitsdet(out_dir: Path, seed: int = 0, sizes: dict[str, int] | Non
         {"seed": seed, "sizes": sizes})
 
 
+def _generated_dir_replaceable(splits) -> Callable[[Path], str | None]:
+    """Why an existing directory is not a generated dataset certood may replace (None: it is).
+
+    Only a directory holding the COMPLETE marker and nothing but the splits' files is one: a
+    command never deletes what it did not create (``--out ~/project`` is refused, not wiped).
+    """
+    ours = {"COMPLETE"} | {f"{split}.json" for split in splits} | set(splits)
+
+    def why(target: Path) -> str | None:
+        if (target / "COMPLETE").is_file() and all(e.name in ours for e in target.iterdir()):
+            return None
+        return (f"{target}: exists and is not a data set certood generated (no COMPLETE marker, "
+                "or other files inside); certood will not replace it: pass a new or empty directory")
+    return why
+
+
 def write_splits_atomically(out_dir: Path, splits, make_split, complete: dict) -> Path:
-    """Build every split in a temp dir beside ``out_dir`` (``make_split(split, tmp)`` writes
-    its images and returns its COCO dict), mark it COMPLETE, then move it in place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    try:
+    """Build every split in a staging dir beside ``out_dir`` (``make_split(split, tmp)`` writes
+    its images and returns its COCO dict), mark it COMPLETE, then swap it in whole.
+
+    ``out_dir`` may be missing, empty, or an earlier generated data set (replaced whole);
+    anything else is refused (UsageError) before any work.
+    """
+    from certood.artifacts import atomic_write_text, stage_dir
+
+    with stage_dir(Path(out_dir), _generated_dir_replaceable(splits)) as staged:
         for split in splits:
-            (tmp / f"{split}.json").write_text(json.dumps(make_split(split, tmp)))
-        (tmp / "COMPLETE").write_text(json.dumps(complete))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+            atomic_write_text(staged.path / f"{split}.json", json.dumps(make_split(split, staged.path)))
+        atomic_write_text(staged.path / "COMPLETE", json.dumps(complete))
+        return staged.commit()
 
 
 def ensure_digitsdet(seed: int = 0, cache_dir: Path | None = None) -> Path:

@@ -115,6 +115,38 @@ def test_generation_leaves_no_temporary_directory(digitsdet_root):
     assert (digitsdet_root / "COMPLETE").exists()
 
 
+def test_generation_replaces_only_what_it_generated(tmp_path):
+    """`certood data digitsdet --out PATH` once deleted whatever PATH held (issue 19)."""
+    from certood.errors import UsageError
+
+    sizes = {split: 3 for split in SPLITS}
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not a data set certood generated"):
+        generate_digitsdet(project, seed=0, sizes=sizes, splits=("val",))
+    assert [p.name for p in project.iterdir()] == ["notes.txt"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    with pytest.raises(UsageError, match="not a directory"):
+        generate_digitsdet(a_file, seed=0, sizes=sizes, splits=("val",))
+    assert a_file.read_text() == "mine"
+    # an earlier generated set is replaced whole, and so is an empty directory
+    out = generate_digitsdet(tmp_path / "dd", seed=0, sizes=sizes, splits=("val",))
+    before = _tree_bytes(out)
+    again = generate_digitsdet(out, seed=1, sizes=sizes, splits=("val",))
+    assert again == out and _tree_bytes(out) != before and (out / "COMPLETE").exists()
+    # a generated set that a user added a file to is theirs now: refused
+    (out / "extra.txt").write_text("mine")
+    with pytest.raises(UsageError):
+        generate_digitsdet(out, seed=0, sizes=sizes, splits=("val",))
+    assert (out / "extra.txt").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (generate_digitsdet(empty, seed=0, sizes=sizes, splits=("val",)) / "COMPLETE").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "dd", "empty", "project"]
+
+
 def test_ensure_digitsdet_generates_once_then_reuses(tmp_path, monkeypatch):
     calls = []
 
