@@ -62,3 +62,27 @@ def make_tiny_spec(digitsdet_root, random_weights):
             temperature=temperature, rule=rule))
 
     return make
+
+
+def _bomb_png(path: Path, width: int, height: int) -> Path:
+    """A 1x1 PNG whose header declares ``width`` x ``height`` (a decompression bomb: tiny on disk)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:24] = ihdr[4:12]
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def bomb_png():
+    """``bomb_png(path, width, height) -> path``: a tiny PNG declaring a huge size."""
+    return _bomb_png

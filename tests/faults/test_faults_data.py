@@ -22,10 +22,8 @@ import io
 import json
 import os
 import shutil
-import struct
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -75,17 +73,6 @@ def write(dest: Path, name: str, coco: dict) -> Path:
     return path
 
 
-def bomb_png(path: Path, width: int, height: int) -> None:
-    """A 1x1 PNG whose header declares ``width`` x ``height``: tiny on disk, huge decoded."""
-    buf = io.BytesIO()
-    Image.new("L", (1, 1)).save(buf, format="PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
-    data[16:24] = ihdr[4:12]
-    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
-    path.write_bytes(bytes(data))
-
-
 def run_cli(*args: str, seconds: float = GUARD_S):
     """``certood`` in-process, in a thread so that a blocked read fails the test, not the run."""
     box: dict = {}
@@ -126,7 +113,7 @@ def spec_file(root: Path, cocos: dict, **paths: str) -> Path:
 
 # ----------------------------------------------------------------------------- one run, many faults
 @pytest.fixture(scope="module")
-def broken_run(dataset_files, tmp_path_factory):
+def broken_run(dataset_files, tmp_path_factory, bomb_png):
     root, cocos = clone(dataset_files, tmp_path_factory.mktemp("broken"))
     test_dir, names = root / "test", [im["file_name"] for im in cocos["test"]["images"]]
     broken = {}
