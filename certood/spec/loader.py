@@ -22,8 +22,8 @@ from pathlib import Path
 
 from certood.errors import SpecError, SpecIssue
 from certood.spec.model import (
-    CertifySpec, DataSource, DataSpec, DetectorSpec, GatePolicy, OutputSpec, ScoreSpec, Spec, TemporalSpec,
-    ThresholdSpec,
+    CertifySpec, DataSource, DataSpec, DetectorSpec, GatePolicy, OutputSpec, RaySpec, RunSpec, ScoreSpec, Spec,
+    TemporalSpec, ThresholdSpec,
 )
 from certood.spec.consistency import check_rule_consistency, describe_range, score_ranges
 from certood.spec.extends import read_spec_document, rebase_paths
@@ -524,7 +524,17 @@ def _build(norm: dict, raw: dict, rule: Rule, base: Path, warnings: tuple) -> Sp
         raw=raw,
         temporal=_temporal(norm.get("temporal")),
         certify=_certify(norm.get("certify")),
+        run=_run(norm.get("run")),
     )
+
+
+def _run(r: dict | None) -> RunSpec:
+    if r is None:
+        return RunSpec()
+    ray = r.get("ray")
+    return RunSpec(workers=r["workers"], shard_images=r["shard_images"],
+                   ray=None if ray is None else RaySpec(address=ray.get("address"), workers=ray["workers"],
+                                                        gpus_per_worker=float(ray["gpus_per_worker"])))
 
 
 def _certify(c: dict | None) -> CertifySpec | None:

@@ -123,6 +123,28 @@ class OutputSpec:
     dir: Path | None = None
 
 
+DEFAULT_RUN_WORKERS = 0
+DEFAULT_SHARD_IMAGES = 256
+
+
+@dataclass(frozen=True)
+class RaySpec:
+    """Where and how wide a Ray run is (certood.distributed)."""
+
+    address: str | None = None  # None: a local Ray instance
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """How ``certood check`` executes; never changes its results (not in the fingerprint)."""
+
+    workers: int = DEFAULT_RUN_WORKERS  # DataLoader worker processes decoding images
+    shard_images: int = DEFAULT_SHARD_IMAGES  # images per on-disk shard (the unit of --resume)
+    ray: RaySpec | None = None
+
+
 @dataclass(frozen=True)
 class CertifySpec:
     """Certificates (certood.certify): the region ``||z' - z||_norm <= eps`` around each box's
@@ -217,6 +239,7 @@ class Spec:
     gate: tuple[GatePolicy, ...] = ()  # release gate policies; not part of the fingerprint
     certify: CertifySpec | None = None  # certificates; not part of the fingerprint
     temporal: TemporalSpec | None = None  # track-level monitoring of video, when set
+    run: RunSpec = field(default_factory=RunSpec)  # execution of `certood check`; not in the fingerprint
 
     def fingerprint(self) -> str:
         """sha256 of what determines a calibration: version, detector, fit and calibration

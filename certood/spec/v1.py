@@ -453,6 +453,22 @@ CERTIFY = Record({
                     description="nonnegative: intersect the region with z' >= 0 (post-ReLU features)"),
 }, description="certificates: what the rule says over a region around each box's feature")
 
+RUN = Record({
+    "workers": Field(Int(min=0, max=256), default=model.DEFAULT_RUN_WORKERS,
+                     description="DataLoader worker processes decoding images for the detector (0: decode "
+                     "in the main process)"),
+    "shard_images": Field(Int(min=1, max=1_000_000), default=model.DEFAULT_SHARD_IMAGES,
+                          description="images per on-disk shard: the unit a killed check resumes from "
+                          "(`certood check --resume`)"),
+    "ray": Field(Record({
+        "address": Field(Str(r".+", "a Ray address"), description="an existing cluster (ray://host:10001 or "
+                         "host:6379); default: start a local Ray instance"),
+        "workers": Field(Int(min=1, max=100_000), default=2,
+                         description="detector actors (one per CPU or GPU slot)"),
+        "gpus_per_worker": Field(Float(ge=0, le=64), default=0.0, description="GPUs each actor reserves"),
+    }), description="run extraction, scoring and certification on Ray (pip install certood[ray])"),
+}, description="execution of `certood check`")
+
 # A policy file for `certood gate --policy FILE`: the same policies, outside the spec.
 POLICY_FILE = Record({
     "version": Field(Enum(SUPPORTED_VERSIONS), description="policy file format version"),
@@ -503,6 +519,8 @@ SPEC = Record({
     "rule": Field(Str(), description="when to flag a box, e.g. 'energy > t.energy or maha > t.maha'; "
                   "default: every score above its threshold, or-ed"),
     "output": Field(Record({"dir": Field(Str(PATH, "a path"), description="relative to the spec file")})),
+    "run": Field(RUN, description="how `certood check` runs: image-decoding workers, shard size, a Ray "
+                 "cluster; results do not depend on it (not part of the fingerprint)"),
     "gate": Field(GATE, description="release gate policies checked by `certood gate`"),
     "certify": Field(CERTIFY),
     "temporal": Field(TEMPORAL, description="track-level OOD confidence on video (certood check)"),
