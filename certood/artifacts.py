@@ -277,8 +277,9 @@ def _is_our_leftover(path: Path) -> bool:
     return read_results_marker(path) is not None or is_monitor_dir(path) or foreign_results_entries(path) == []
 
 
-def remove_leftovers(target: Path) -> list[Path]:
-    """Remove the staging directories that killed certood runs left beside ``target``."""
+def remove_leftovers(target: Path, keep: Path | None = None) -> list[Path]:
+    """Remove the staging directories that killed certood runs left beside ``target`` (all
+    but ``keep``, one a resumed run adopted)."""
     target = Path(target)
     removed = []
     prefixes = (f".{target.name}.certood-staging.", f".{target.name}.certood-old.")
@@ -293,7 +294,7 @@ def remove_leftovers(target: Path) -> list[Path]:
         ours = entry.name.startswith(prefixes) and _is_our_leftover(entry)
         if not ours and legacy.fullmatch(entry.name) and not entry.is_symlink():
             ours = is_monitor_dir(entry) or is_monitor_dir(entry / "monitor")
-        if ours:
+        if ours and entry != keep:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
@@ -343,11 +344,15 @@ class StagedDir:
 
     def __init__(self, target: Path, path: Path, replaceable):
         self.target, self.path, self._replaceable = target, path, replaceable
+        self.keep_on_interrupt: str | None = None  # a subdirectory worth a resume (check: "shards")
 
     def __enter__(self) -> StagedDir:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt) and self.keep_on_interrupt \
+                and (self.path / self.keep_on_interrupt).is_dir():
+            return  # interrupted: left for `--resume` (the next run without it removes it)
         self.discard()
 
     def discard(self) -> None:
@@ -402,7 +407,19 @@ def _os_error(path: Path, e: OSError, what: str) -> CertoodError:
     return cls(f"{path}: cannot {what} ({e.strerror or e})")
 
 
-def stage_dir(target: Path, replaceable) -> StagedDir:
+def adoptable_staging(target: Path, holds: str) -> Path | None:
+    """The newest staging directory a killed certood run left beside ``target`` that holds
+    ``holds`` (``certood check --resume``: its ``shards``), or None."""
+    prefix = f".{target.name}.certood-staging."
+    try:
+        found = [e for e in target.parent.iterdir()
+                 if e.name.startswith(prefix) and _is_our_leftover(e) and (e / holds).is_dir()]
+    except OSError:
+        return None
+    return max(found, key=lambda e: (e / holds).stat().st_mtime, default=None)
+
+
+def stage_dir(target: Path, replaceable, adopt: str | None = None) -> StagedDir:
     """Check that ``target`` may be written, and open a staging directory beside it.
 
     ``replaceable(target) -> str | None`` says why a non-empty existing directory must not be
@@ -421,13 +438,14 @@ def stage_dir(target: Path, replaceable) -> StagedDir:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _os_error(target.parent, e, "create the output's parent directory") from None
-    remove_leftovers(target)
+    adopted = adoptable_staging(target, adopt) if adopt else None
+    remove_leftovers(target, keep=adopted)
     try:
-        path = _mkdtemp(f".{target.name}.certood-staging.", target.parent)
+        path = adopted or _mkdtemp(f".{target.name}.certood-staging.", target.parent)
     except OSError as e:
         raise _os_error(target.parent, e, "write the output here") from None
     try:
-        _write_staging_marker(path)
+        _write_staging_marker(path)  # an adopted directory is this run's now
     except OSError as e:
         shutil.rmtree(path, ignore_errors=True)
         raise _os_error(target.parent, e, "write the output here") from None
@@ -464,9 +482,10 @@ def stage_monitor(target: Path) -> StagedDir:
     return stage_dir(target, _monitor_replaceable)
 
 
-def stage_results(target: Path) -> StagedDir:
-    """:func:`stage_dir` for a ``certood check`` results directory."""
-    return stage_dir(target, results_replaceable)
+def stage_results(target: Path, resume: bool = False) -> StagedDir:
+    """:func:`stage_dir` for a ``certood check`` results directory; ``resume``: continue in
+    the staging directory of a killed check of the same target (its ``shards``), if any."""
+    return stage_dir(target, results_replaceable, adopt="shards" if resume else None)
 
 
 def versions() -> dict[str, str]:

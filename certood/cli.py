@@ -19,11 +19,32 @@ from certood.errors import CertoodError, SpecError
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RUNTIME = 0, 1, 2, 3
 
 
-def _progress(iterable, total: int, desc: str):
-    from tqdm import tqdm
+PROGRESS_EVERY_S = 30.0  # a log line this often when stderr is not a terminal (CI, clusters)
 
-    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, unit="img", leave=False,
-                disable=None)  # None: off when stderr is not a terminal
+
+def _progress(iterable, total: int, desc: str):
+    """A progress bar on a terminal; elsewhere a line per PROGRESS_EVERY_S with the rate and ETA."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, file=sys.stderr, unit="img", leave=False)
+    return _progress_lines(iterable, total, desc)
+
+
+def _progress_lines(iterable, total: int, desc: str, every: float = PROGRESS_EVERY_S):
+    import time
+
+    start = last = time.monotonic()
+    done = 0
+    for item in iterable:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= every or (done == total and last > start):
+            rate = done / max(now - start, 1e-9)
+            eta = (total - done) / rate if rate > 0 else float("inf")
+            click.echo(f"{desc}: {done}/{total}, {rate:.1f}/s, ETA {eta:.0f} s", err=True)
+            last = now
 
 
 def _fail(err: Exception, debug: bool) -> None:
@@ -164,18 +185,26 @@ def _default_out(spec) -> Path:
 @click.option("--save-features", is_flag=True,
               help="Also write features.safetensors: every monitored box's tapped features and logits "
                    "(keys <dataset>/<tap point>, <dataset>/box_index = line in boxes.jsonl).")
+@click.option("--resume", is_flag=True,
+              help="Continue a killed or interrupted check of the same --out from its shards, redoing "
+                   "no finished image (same spec, detector and monitor).")
+@click.option("--workers", type=click.IntRange(0, 256), default=None,
+              help="DataLoader processes decoding images (default: run.workers of the spec, 0).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run on Ray: a local instance (no ADDRESS) or the cluster at ADDRESS "
+                   "(pip install 'certood[ray]'); run.ray of the spec sets the worker count.")
 @click.pass_context
 def check(ctx: click.Context, spec_path: Path, monitor_dir: Path | None, out: Path | None, fmt: str,
-          save_features: bool) -> None:
+          save_features: bool, resume: bool, workers: int | None, ray_address: str | None) -> None:
     """Run the monitor over the spec's ID test and OOD sets; write boxes.jsonl, metrics.json, report.md."""
     def work():
         from certood import report
-        from certood.check import run_check
+        from certood.check import run_check, with_run_options
         from certood.spec import load_spec
 
-        spec = load_spec(spec_path)
+        spec = with_run_options(load_spec(spec_path), workers=workers, ray_address=ray_address)
         result = run_check(spec, out or _default_out(spec), monitor_dir, progress=_progress,
-                           save_features=save_features)
+                           save_features=save_features, resume=resume)
         if fmt == "json":
             click.echo(json.dumps(result.metrics, indent=2))
         else:

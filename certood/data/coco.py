@@ -122,15 +122,10 @@ class CocoDataset:
         skipped, an image whose size differs from the declared one is reported and kept (its
         boxes are taken as pixel coordinates of the file)."""
         for record in self.records:
-            image = read_image(record.path)
-            if isinstance(image, str):
-                self.issues.append(image)
-                continue
-            height, width = image.shape[1:]
-            if (width, height) != (record.width, record.height):
-                self.issues.append(f"{record.path}: declared {record.width}x{record.height} in the annotations, "
-                                   f"the file is {width}x{height}; read as the file is")
-            yield record, image
+            image, issues = decode_record(record)
+            self.issues += issues
+            if image is not None:
+                yield record, image
 
     def pycocotools(self):
         """A pycocotools ``COCO`` index of this dataset (its prints silenced)."""
@@ -141,6 +136,20 @@ class CocoDataset:
             coco.dataset = json.loads(json.dumps(self.coco))
             coco.createIndex()
         return coco
+
+
+def decode_record(record: ImageRecord) -> tuple[torch.Tensor | None, list[str]]:
+    """(float CHW RGB image in [0, 1] or None, issues) of one record's image file: unreadable
+    images are an issue and None; a size other than the declared one is an issue, and the
+    image is read as the file is (its boxes taken as pixel coordinates of the file)."""
+    image = read_image(record.path)
+    if isinstance(image, str):
+        return None, [image]
+    height, width = image.shape[1:]
+    if (width, height) != (record.width, record.height):
+        return image, [f"{record.path}: declared {record.width}x{record.height} in the annotations, "
+                       f"the file is {width}x{height}; read as the file is"]
+    return image, []
 
 
 # --------------------------------------------------------------------------- annotation file
