@@ -13,8 +13,8 @@ Four calls and two result types::
         for box in stream(frame).boxes:
             box.track_id, box.track_scores, box.track_flag
 
-Every call runs the stages ``certood check`` runs, on one batch: the detector through
-:func:`certood.extract.extract_detections` (with the detector-score cut), the fitted scores and
+Every call runs the stages ``certood check`` runs, on one batch (:class:`certood.stages.BatchRunner`):
+the detector through :func:`certood.extract.detect_batch` (with the detector-score cut), the fitted scores and
 the rule (:class:`certood.monitor.Monitor`), certificates (:class:`certood.certify.Certifier`)
 and, in a stream, the tracker of :mod:`certood.temporal` with its aggregates updated frame by
 frame (the same numbers as the offline aggregates, which see a track's past only).
@@ -173,29 +173,6 @@ def _as_batch(images) -> tuple[list[torch.Tensor], bool]:
     return [as_image_tensor(images)], True
 
 
-@dataclass
-class _Frames:
-    """In-memory images shaped like the part of a CocoDataset extract_detections reads."""
-
-    images: list[torch.Tensor]
-    name: str = "images"
-    source: str = "the images passed to the monitor"
-    issues: list[str] = field(default_factory=list)
-
-    @property
-    def records(self) -> list:
-        return self.images
-
-    def iter_images(self):
-        for i, image in enumerate(self.images):
-            yield _Record(i), image
-
-
-@dataclass(frozen=True)
-class _Record:
-    image_id: int
-
-
 # =========================================================================== weights
 def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     """A canonical sha256 of a state dict: for each key in sorted order its name, dtype, shape
@@ -252,7 +229,7 @@ class Monitor:
         self._detector = detector
         self.fitted = fitted
         self.weights_mismatch = weights_mismatch
-        self._certifier = None
+        self._runner = None  # certood.stages.BatchRunner, built on first use
 
     def __repr__(self) -> str:
         state = "calibrated" if self.calibrated else "uncalibrated"
@@ -292,7 +269,7 @@ class Monitor:
         from certood.monitor import calibrate
 
         self.fitted, _ = calibrate(self.spec, self.detector, self.detector.num_classes, progress=progress)
-        self._certifier = None
+        self._runner = None
         return self
 
     def save(self, out_dir: str | Path) -> Path:
@@ -337,42 +314,15 @@ class Monitor:
 
     def monitor_batch(self, images: list[torch.Tensor]):
         """(monitored detections, score values, flags, certificates or None) of a batch: the
-        detector pass with the spec's tap points, the detector-score cut, the scores and the
-        rule, then certificates when the spec certifies."""
-        from certood.extract import extract_detections
+        stages of ``certood check`` (:class:`certood.stages.BatchRunner`, one kept for the
+        monitor's lifetime) on images numbered 0..len-1."""
+        from certood.stages import BatchRunner
 
         fitted = self._require_fitted()
-        dets = extract_detections(self.detector, _Frames(list(images)), fitted.tap_points,
-                                  batch_size=len(images), min_score=fitted.detector_threshold)
-        dets = dets.select(dets.det_scores >= fitted.detector_threshold)
-        values = fitted.score_boxes(dets)
-        flags = fitted.flag(values, dets.labels)
-        certificates = None
-        if self.spec.certify is not None:
-            certificates = self._certify(dets, values, flags)
-        return dets, values, flags, certificates
-
-    def _certify(self, dets, values, flags) -> list:
-        """Certificates of the batch's boxes, as certood.certify.certify_boxes makes them (in
-        chunks of CHUNK_BOXES), with one Certifier kept for the monitor's lifetime."""
-        from certood.certify import CHUNK_BOXES, Certifier, certify_head
-
-        fitted = self._require_fitted()
-        point = self.spec.taps[self.spec.certify.tap]
-        features = dets.taps[point].detach().flatten(1)
-        if not len(features):
-            return []
-        if self._certifier is None or self._certifier_dim != features.shape[1]:
-            head = certify_head(self.detector, point)
-            self._certifier = Certifier(self.spec, fitted.scores, fitted.thresholds, head, self.spec.certify,
-                                        features.shape[1], None, fitted.class_thresholds)
-            self._certifier_dim = features.shape[1]
-        out = []
-        for s in range(0, len(features), CHUNK_BOXES):
-            sl = slice(s, s + CHUNK_BOXES)
-            out += self._certifier.certify(features[sl], {k: v[sl] for k, v in values.items()}, flags[sl],
-                                           dets.labels[sl])
-        return out
+        if self._runner is None or self._runner.monitor is not fitted or self._runner.detector is not self.detector:
+            self._runner = BatchRunner(fitted, self.detector)
+        result = self._runner.run(list(images), list(range(len(images))))
+        return result.dets, result.values, result.flags, result.certificates
 
     def stream(self) -> "Stream":
         """Online monitoring of one video: feed its frames in order (see :class:`Stream`)."""
