@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -260,6 +261,53 @@ def plumbing_notes(cal: DatasetDetections, fit: DatasetDetections, det_threshold
     return notes
 
 
+FIT_SEED = 0  # the reservoir of data.fit.max_boxes
+
+
+def fit_boxes(detector: Detector, dataset: CocoDataset, points, det_threshold: float,
+              label_to_category: list[int], max_boxes: int | None = None, seed: int = FIT_SEED,
+              progress: ProgressFactory | None = None) -> tuple[DatasetDetections, torch.Tensor]:
+    """The boxes scores are fitted on, streamed batch by batch: every monitored box of
+    ``dataset`` on a ground-truth object, with the label of that object (1-based).
+
+    ``max_boxes``: at most that many, a reservoir sample drawn as the images stream by: each box
+    gets a uniform key from a generator seeded with ``seed`` in image order and the
+    ``max_boxes`` smallest keys are kept (a uniform sample without replacement, the same for the
+    same data and seed), in their image order; memory holds at most ``max_boxes`` + one batch."""
+    from certood.extract import _batches, concat_detections, detect_batch
+
+    gen = torch.Generator().manual_seed(seed)
+    kept: DatasetDetections | None = None
+    kept_labels, kept_keys = torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    images = dataset.iter_images()
+    if progress is not None:
+        images = progress(images, len(dataset.records), dataset.name)
+    for batch in _batches(images, getattr(detector, "batch_size", None) or 8):
+        found = detect_batch(detector, [im for _, im in batch], [r.image_id for r, _ in batch], points,
+                             min_score=det_threshold, name=dataset.name)
+        dets = found.select(found.det_scores >= det_threshold)
+        labels = match_dataset(dets, RecordSet([r for r, _ in batch]), label_to_category, same_class=False)
+        dets, labels = dets.select(labels >= 0), labels[labels >= 0]
+        kept = dets if kept is None else concat_detections([kept, dets])
+        kept_labels = torch.cat([kept_labels, labels])
+        kept_keys = torch.cat([kept_keys, torch.rand(len(dets), generator=gen)])
+        if max_boxes is not None and len(kept_keys) > max_boxes:
+            keep = kept_keys.topk(max_boxes, largest=False).indices.sort().values  # in image order
+            kept, kept_labels, kept_keys = kept.select(keep), kept_labels[keep], kept_keys[keep]
+    if kept is None:
+        first = f" (first: {dataset.issues[-1]})" if dataset.issues else ""
+        raise DataError(f"{dataset.source}: none of its {len(dataset.records)} images could be read{first}")
+    return kept, kept_labels
+
+
+@dataclass(frozen=True)
+class RecordSet:
+    """Image records shaped like the part of a CocoDataset the ground-truth matchers read
+    (:func:`match_dataset`, :func:`gt_match_dataset`): one batch's, not the whole set's."""
+
+    records: Sequence
+
+
 def detector_extras(score: Score, detector) -> dict:
     """What a score needs from the detector itself: the classifier, or the head as code."""
     extras = {}
@@ -288,13 +336,14 @@ def calibrate(spec: Spec, detector: Detector, num_classes: int, progress: Progre
 
     if spec.data.fit is not None:
         fit_set = datasets["fit"]
-        fit = extract_detections(detector, fit_set, taps, progress=progress, min_score=det_threshold)
-        fit = fit.select(fit.det_scores >= det_threshold)
+        fit, fit_labels = fit_boxes(detector, fit_set, taps, det_threshold, label_to_category,
+                                    spec.data.fit.max_boxes, progress=progress)
     else:
-        fit_set, fit = cal_set, cal
-    fit_labels = match_dataset(fit, fit_set, label_to_category, same_class=False)
-    fit = fit.select(fit_labels >= 0)
-    fit_labels = fit_labels[fit_labels >= 0] - 1  # contiguous 0..C-2 for class-conditional scores
+        fit_set = cal_set
+        fit_labels = match_dataset(cal, cal_set, label_to_category, same_class=False)
+        fit = cal.select(fit_labels >= 0)
+        fit_labels = fit_labels[fit_labels >= 0]
+    fit_labels = fit_labels - 1  # contiguous 0..C-2 for class-conditional scores
     built = {name: build_score(s.kind, s.params) for name, s in spec.scores.items() if not is_fusion(spec, name)}
     fitted = [name for name, score in built.items()
               if score.needs_fit or score.needs_classifier or score.needs_head] + \

@@ -48,13 +48,6 @@ class BatchResult:
     issues: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class _Records:
-    """Image records shaped like the part of a CocoDataset the ground-truth matchers read."""
-
-    records: Sequence
-
-
 class BatchRunner:
     """A calibrated monitor (:class:`certood.monitor.Monitor`) and its detector, run batch by
     batch. ``keep_points``: tap points whose features the results keep beyond what the scores
@@ -74,7 +67,7 @@ class BatchRunner:
         """The stages on ``images`` (float CHW tensors, ids ``image_ids``). ``records`` (their
         CocoDataset records): match each box to the ground truth, and with ``gt_matched`` give
         its gt_matched status; ``keep_all``: keep every detection (for mAP)."""
-        from certood.monitor import gt_match_dataset, match_dataset
+        from certood.monitor import RecordSet, gt_match_dataset, match_dataset
 
         monitor = self.monitor
         found = detect_batch(self.detector, list(images), list(image_ids), self.points,
@@ -91,7 +84,7 @@ class BatchRunner:
         result = BatchResult(dets, values, flags, detector_seconds=found.seconds - found.optional_seconds,
                              score_seconds=score_seconds)
         if records is not None:
-            subset = _Records(records)
+            subset = RecordSet(records)
             result.gt = match_dataset(dets, subset, monitor.label_to_category, same_class=False)
             if gt_matched:
                 result.gt_match = gt_match_dataset(dets, subset, monitor.label_to_category)

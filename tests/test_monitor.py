@@ -221,3 +221,54 @@ def test_run_check_writes_the_html_report_and_the_figures(checked):
     assert len(images) == len(files) and all(s.startswith("data:image/png;base64,") for s in images)
     report = (out / "report.md").read_text()
     assert all(f"({f})" in report for f in files)
+
+
+# ------------------------------------------------------------------ fit set, streamed (issue 15)
+def _fit_reference(detector, dataset, points, threshold, label_to_category):
+    """The fit rows the way calibration read them before streaming: the whole set in memory."""
+    from certood.extract import extract_detections
+    from certood.monitor import match_dataset
+
+    dets = extract_detections(detector, dataset, points, min_score=threshold)
+    dets = dets.select(dets.det_scores >= threshold)
+    labels = match_dataset(dets, dataset, label_to_category, same_class=False)
+    return dets.select(labels >= 0), labels[labels >= 0]
+
+
+def test_fit_boxes_stream_the_fit_set_and_reservoir_sample_it(spec, detector, calibrated):
+    from certood.monitor import fit_boxes, spec_datasets
+
+    calibrated = calibrated[0]
+    dataset = spec_datasets(spec)["fit"]
+    points = sorted(calibrated.tap_points)
+    args = (detector, dataset, points, calibrated.detector_threshold, calibrated.label_to_category)
+    ref, ref_labels = _fit_reference(*args)
+    assert len(ref) >= 20
+    dets, labels = fit_boxes(*args)  # no cap: every row, in image order, as before
+    assert torch.equal(labels, ref_labels) and torch.equal(dets.image_ids, ref.image_ids)
+    for p in points:
+        torch.testing.assert_close(dets.taps[p], ref.taps[p], rtol=1e-5, atol=1e-5)
+    # capped: max_boxes rows of the full set, in image order; the same for the same seed
+    k = len(ref) // 3
+    a, a_labels = fit_boxes(*args, max_boxes=k)
+    b, _ = fit_boxes(*args, max_boxes=k)
+    c, _ = fit_boxes(*args, max_boxes=k, seed=1)
+    assert len(a) == k and torch.equal(a.boxes, b.boxes) and not torch.equal(a.boxes, c.boxes)
+    rows = [int(torch.nonzero((ref.boxes == box).all(1) & (ref.image_ids == i)).flatten()[0])
+            for box, i in zip(a.boxes, a.image_ids)]
+    assert rows == sorted(rows) and len(set(rows)) == k
+    assert torch.equal(a_labels, ref_labels[rows])
+
+
+def test_max_boxes_is_a_key_of_the_fit_set_only(tmp_path, make_tiny_spec):
+    from certood.errors import SpecError
+    from certood.spec import load_spec_text
+
+    import yaml
+
+    raw = dict(make_tiny_spec().raw)
+    raw["data"] = {**raw["data"], "fit": {**raw["data"]["fit"], "max_boxes": 5}}
+    assert load_spec_text(yaml.safe_dump(raw)).data.fit.max_boxes == 5
+    raw["data"] = {**raw["data"], "id_test": {**raw["data"]["id_test"], "max_boxes": 5}}
+    with pytest.raises(SpecError, match="max_boxes"):
+        load_spec_text(yaml.safe_dump(raw))

@@ -503,7 +503,7 @@ def _build(norm: dict, raw: dict, rule: Rule, base: Path, warnings: tuple) -> Sp
             return None
         return DataSource(digitsdet=d.get("digitsdet"), annotations=_resolve(base, d.get("annotations")),
                           images=_resolve(base, d.get("images")), max_images=d.get("max_images"),
-                          protocol=d.get("protocol", "box"))
+                          protocol=d.get("protocol", "box"), max_boxes=d.get("max_boxes"))
 
     return Spec(
         path=None,

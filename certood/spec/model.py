@@ -61,6 +61,7 @@ class DataSource:
     annotations: Path | None = None
     images: Path | None = None
     max_images: int | None = None
+    max_boxes: int | None = None  # fit set only: a seeded reservoir of at most this many boxes
     protocol: str = "box"  # OOD sets only: "box" (VOS) or "gt_matched" (certood.check)
 
 

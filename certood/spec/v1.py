@@ -347,8 +347,16 @@ OOD_SOURCE = Record({
                       "overlaps an unknown-class object, ID if it overlaps an ID object, else unmatched"),
 }, one_of=DATA_SOURCE.one_of, description="an OOD data set and how its boxes are labelled")
 
+FIT_SOURCE = Record({
+    **DATA_SOURCE.fields,
+    "max_boxes": Field(Int(min=1, max=1_000_000_000),
+                       description="fit on at most this many boxes: a seeded reservoir sample (seed 0) of the "
+                       "set's monitored boxes on ground-truth objects, drawn as images stream by, so memory "
+                       "is bounded by it and not by the set's size"),
+}, one_of=DATA_SOURCE.one_of, description="ID data the scores are fitted on")
+
 DATA = Record({
-    "fit": Field(DATA_SOURCE, description="ID data the scores are fitted on"),
+    "fit": Field(FIT_SOURCE, description="ID data the scores are fitted on"),
     "calibration": Field(DATA_SOURCE, required=True, description="ID data the thresholds are set on"),
     "id_test": Field(DATA_SOURCE, description="held-out ID data for metrics"),
     "ood": Field(Map(OOD_SOURCE, NAME, f"a name matching {NAME}"), description="OOD data sets by name"),
