@@ -40,6 +40,7 @@ import torch
 
 from certood.errors import ArtifactError, CertoodError, UsageError
 from certood.monitor import Monitor as FittedMonitor
+from certood.monitor import head_if_needed
 from certood.spec import Spec
 
 __all__ = ["BoxResult", "ImageResult", "Monitor", "Stream", "attach", "compile", "load",
@@ -479,15 +480,8 @@ def load(monitor_dir: str | Path, spec: str | Path | Spec | None = None) -> Moni
     monitor = Monitor(_as_spec(spec))
     detector = monitor.detector
     monitor.fitted = load_monitor(Path(monitor_dir), monitor.spec, detector.weights_sha256,
-                                  _head_if_needed(monitor.spec, detector))
+                                  head_if_needed(monitor.spec, detector))
     return monitor
-
-
-def _head_if_needed(spec: Spec, detector):
-    from certood.scores import build_score
-
-    needs = any(build_score(s.kind, s.params).needs_head for s in spec.scores.values())
-    return detector.foreground_head() if needs else None
 
 
 def _adapter_for(model, spec: Spec):
@@ -583,7 +577,7 @@ def attach(model, monitor: Monitor | str | Path, *, allow_weight_mismatch: bool 
     if missing:
         raise UsageError(f"attach: taps {', '.join(missing)}: the model has no such tap point (it offers: "
                          f"{', '.join(detector.tap_points) or 'none'})")
-    head = _head_if_needed(monitor.spec, detector)
+    head = head_if_needed(monitor.spec, detector)
     if head is not None:  # scores that run the head (ODIN) run the attached model's, on copies
         scores = {}
         for name, score in fitted.scores.items():

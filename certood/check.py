@@ -53,7 +53,7 @@ from certood.recheck import FEATURES_FILE, certify_features_blob
 from certood.errors import CertoodError, DataError, UsageError
 from certood.extract import DatasetDetections, ProgressFactory, concat_detections
 from certood.metrics import GT_MATCH, coco_map, gt_matched_metrics, ood_metrics
-from certood.monitor import CALIBRATION_SETS, Monitor, calibrate, spec_datasets
+from certood.monitor import CALIBRATION_SETS, Monitor, calibrate, head_if_needed, spec_datasets
 from certood.shards import Shard, ShardStore, make_shard
 from certood.spec import Spec
 from certood.stages import BatchRunner, run_shard, shard_batches
@@ -268,7 +268,7 @@ def _monitor_for(spec: Spec, detector, out_dir: Path, monitor_dir: Path | None, 
     """The monitor the check runs: from ``monitor_dir``; else one an interrupted run of this
     check calibrated (``--resume``: ``out_dir/monitor`` of the adopted staging directory, when
     it fits the spec and the detector); else calibrated now and saved to ``out_dir/monitor``."""
-    head, sha = detector.foreground_head(), detector.weights_sha256
+    head, sha = head_if_needed(spec, detector), detector.weights_sha256
     if monitor_dir is not None:
         return load_monitor(monitor_dir, spec, sha, head, num_classes=detector.num_classes)
     if is_monitor_dir(out_dir / "monitor"):

@@ -318,6 +318,13 @@ def detector_extras(score: Score, detector) -> dict:
     return extras
 
 
+def head_if_needed(spec: Spec, detector):
+    """The detector's head as code when one of ``spec``'s scores reads it (else None: detectors
+    such as ONNX exports have none to give)."""
+    needs = any(build_score(s.kind, s.params).needs_head for s in spec.scores.values())
+    return detector.foreground_head() if needs else None
+
+
 def calibrate(spec: Spec, detector: Detector, num_classes: int, progress: ProgressFactory | None = None,
               datasets: dict[str, CocoDataset] | None = None) -> tuple[Monitor, dict[str, DatasetDetections]]:
     """Fit every score and threshold of ``spec``; also returns the extracted detections.
