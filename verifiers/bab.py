@@ -56,7 +56,8 @@ def split_scores(state, weights: list[tuple[Tensor, Tensor]], out_weight: Tensor
     relaxation's largest gap ``-u l / (u - l)`` times the sensitivity (module docstring);
     ``out_weight`` ``[N, outputs]`` weighs the output rows."""
     n_hidden = len(state.pre)
-    sens = out_weight.double() @ weights[-1][0].abs()  # [N, width of the last hidden layer]
+    device = state.pre[0][0].device  # the subdomains' device (the weights may sit elsewhere)
+    sens = out_weight.double().to(device) @ weights[-1][0].to(device).abs()  # [N, last hidden width]
     scores: list[Tensor] = [torch.zeros(0)] * n_hidden
     for j in range(n_hidden - 1, -1, -1):
         lo, hi = state.pre[j]
@@ -65,7 +66,7 @@ def split_scores(state, weights: list[tuple[Tensor, Tensor]], out_weight: Tensor
         scores[j] = gap * sens
         if j > 0:
             alive = (hi > 0).to(sens.dtype)  # inactive neurons pass nothing back
-            sens = (sens * alive) @ weights[j][0].abs()
+            sens = (sens * alive) @ weights[j][0].to(device).abs()
     return scores
 
 

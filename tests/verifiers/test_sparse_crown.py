@@ -69,11 +69,12 @@ def test_float32_products_contain_float64_bounds_and_lose_little():
     assert float(((h32 - h64) / width).max()) < 1e-3
 
 
-def test_outputs_sampled_and_attacked_stay_inside():
+@pytest.mark.parametrize("wide", ["per_box", "batched"])
+def test_outputs_sampled_and_attacked_stay_inside(wide):
     net = _net([40, 32, 24, 6], seed=5)
     layers = mlp_layers(net)
     _, lo, hi = _boxes(5, 40, 0.1, seed=6, clip=True)
-    blo, bhi = SparseCrown(layers)(lo, hi)
+    blo, bhi = SparseCrown(layers, wide=wide)(lo, hi)
     g = torch.Generator().manual_seed(7)
     x = lo.unsqueeze(1) + torch.rand(5, 2000, 40, generator=g, dtype=torch.float64) * (hi - lo).unsqueeze(1)
     out = evaluate(layers, x.reshape(-1, 40)).reshape(5, 2000, 6)
@@ -150,7 +151,7 @@ def test_reduced_precision_float32_products_fall_back_to_float64(monkeypatch):
     layers = mlp_layers(_net([30, 16, 4], seed=10))
     _, lo, hi = _boxes(3, 30, 0.05, seed=11, clip=True)
     assert sc.float32_products_are_ieee()
-    monkeypatch.setattr(sc, "float32_products_are_ieee", lambda: False)
+    monkeypatch.setattr(sc, "float32_products_are_ieee", lambda device=None: False)
     torch.testing.assert_close(SparseCrown(layers, torch.float32)(lo, hi), SparseCrown(layers, torch.float64)(lo, hi),
                                rtol=0, atol=0)
 
@@ -183,3 +184,58 @@ def test_never_looser_than_auto_lirpa_on_deeper_heads():
         for i in range(4):
             theirs = bound_module(net, z[i:i + 1], 0.3, method="crown", x_lower=torch.zeros_like(z[i:i + 1]))
             assert bool((ours[0][i] >= theirs.lower[0] - 1e-9).all() and (ours[1][i] <= theirs.upper[0] + 1e-9).all())
+
+
+@pytest.mark.parametrize("gemm", [torch.float64, torch.float32])
+@pytest.mark.parametrize("wide", ["per_box", "batched"])
+def test_a_batch_of_boxes_gets_each_box_alone_bounds(gemm, wide):
+    """All boxes of one call (padded per-box index lists, one product per layer) get the bounds
+    each box gets alone, to rounding; the float64 ones equal the reference CROWN's."""
+    net = _net([60, 40, 32, 24, 9], seed=12)
+    layers = mlp_layers(net)
+    z, lo, hi = _boxes(7, 60, 0.06, seed=13, clip=True)
+    z[3] = 0.0  # a box that sees only the clipped region
+    lo, hi = (z - 0.06).clamp(min=0), z + 0.06
+    crown = SparseCrown(layers, gemm, wide=wide)
+    blo, bhi = crown(lo, hi)
+    # float32: the rounding term depends on the padded widths of the batch (1e-6 here)
+    alone_tol = 1e-9 if gemm == torch.float64 else 1e-5
+    for n in range(7):
+        alo, ahi = SparseCrown(layers, gemm, wide=wide)(lo[n:n + 1], hi[n:n + 1])
+        torch.testing.assert_close(blo[n], alo[0], rtol=alone_tol, atol=alone_tol)
+        torch.testing.assert_close(bhi[n], ahi[0], rtol=alone_tol, atol=alone_tol)
+    ref = crown_bounds(layers, Region(z, 0.06, lower=torch.zeros_like(z)))
+    tol = 1e-10 if gemm == torch.float64 else 1e-4
+    torch.testing.assert_close(blo, ref[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(bhi, ref[1], rtol=tol, atol=tol)
+    if gemm == torch.float32:  # the rounding term only widens
+        assert bool((blo <= ref[0] + 1e-12).all() and (bhi >= ref[1] - 1e-12).all())
+
+
+def test_batched_and_per_box_wide_products_agree_and_count_their_work():
+    """The two ways of running the wide product give the same bounds to rounding; the batched
+    one multiplies every box's rows over the batch's largest live-neuron list (at least as
+    many multiply-adds as the per-box one, which takes each box's own)."""
+    layers = mlp_layers(_net([80, 48, 32, 10], seed=14))
+    _, lo, hi = _boxes(9, 80, 0.05, seed=15, clip=True)
+    per, bat = SparseCrown(layers, wide="per_box"), SparseCrown(layers, wide="batched")
+    a, b = per(lo, hi), bat(lo, hi)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # each pays for its own float32 rounding
+    assert bat.stats["rows"] == per.stats["rows"] and bat.stats["wide_macs"] >= per.stats["wide_macs"] > 0
+    with pytest.raises(CertoodError, match="wide must be"):
+        SparseCrown(layers, wide="gpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_boxes_are_bounded_on_the_device():
+    layers = mlp_layers(_net([50, 32, 24, 6], seed=16))
+    _, lo, hi = _boxes(6, 50, 0.05, seed=17, clip=True)
+    crown = SparseCrown(layers)
+    clo, chi = crown(lo.cuda(), hi.cuda())
+    assert clo.device.type == "cuda" and chi.device.type == "cuda"
+    cpu = SparseCrown(layers)(lo, hi)
+    torch.testing.assert_close((clo.cpu(), chi.cpu()), cpu, rtol=1e-5, atol=1e-5)
+    state = crown.prepare(lo.cuda(), hi.cuda())
+    C = torch.randn(6, 2, 6, dtype=torch.float64, device="cuda")
+    slo, shi = crown.spec_bounds(state, C)
+    assert slo.device.type == "cuda"
