@@ -66,11 +66,11 @@ from certood.scores import SCORE_CLASSES
 from certood.spec import load_spec_text
 
 REPO = Path(__file__).resolve().parent.parent
-# The enhancement: the fusion chosen on ID-only proxies by its worst family
-# (benchmarks/select_fusion_families.py: results/fusion_families.md).
+# The enhancement: the fusion chosen on ID-only proxies by its worst view, confidence-matched
+# views included (round 5: benchmarks/select_fusion_matched.py, results/fusion_matched.md).
 FUSION = "fusion"
 FUSION_OF = ["energy", "lared"]
-FUSION_COMBINE = "hmp"
+FUSION_COMBINE = "min"
 # certood's own scores (new here, not published): left out of "the best published score"
 OWN_KINDS = ("fusion", "pvalue_fusion", "residual", "jitter_kl")
 # several passes or a gradient: cost reported alone (jitter_kl: 8 more box-head passes per box);
@@ -85,7 +85,9 @@ TAPS = {"roi": "box_head.input", "penultimate": "box_head.output", "logits": "cl
 # components of the fusion read at another tap than their kind's (ROW_TAPS).
 VARIANTS = {"pvalue_fusion_pooled": ("pvalue_fusion", {"class_conditional": False}),
             # the previous default (rounds 1-3, chosen by the mean over stroke-made proxies)
-            "fusion_round2": ("fusion", {"of": ["energy", "residual", "jitter_kl"], "combine": "fisher"})}
+            "fusion_round2": ("fusion", {"of": ["energy", "residual", "jitter_kl"], "combine": "fisher"}),
+            # round 4's default (worst of nine plain proxy families; select_fusion_families.py)
+            "fusion_round4": ("fusion", {"of": ["energy", "lared"], "combine": "hmp"})}
 ROW_TAPS: dict[str, str] = {}
 METRICS = ("auroc", "aupr_in", "fpr95")
 LABELS = {"auroc": "AUROC", "aupr_in": "AUPR-In", "fpr95": "FPR95"}

@@ -37,9 +37,10 @@ penultimate features) sees where a box sits relative to the ID classes, and miss
 that land near a class; the RoI residual sees activity in directions no ID box uses; box
 jitter (``jitter_kl``) sees instability under the box changes localisation error produces
 anyway. p-values put them on one ID-calibrated scale per class. certood's default
-(``specs/detection_fusion.yaml``: energy + LaRED, ``combine: hmp``) was chosen by the worst
-AUROC over nine kinds of ID-made proxy OOD (benchmarks/select_fusion_families.py): on kinds
-where energy fails density holds and the reverse, and hmp keeps whichever sees the box.
+(``specs/detection_fusion.yaml``: energy + LaRED, ``combine: min``) was chosen by the worst
+AUROC over 19 views of nine kinds of ID-made proxy OOD, plain and confidence-matched
+(benchmarks/select_fusion_matched.py): on kinds where energy fails density holds and the
+reverse, and the smaller p-value keeps whichever sees the box.
 
 >>> import torch
 >>> ref = torch.cat([torch.rand(200, 2, generator=torch.Generator().manual_seed(0)),
