@@ -3,11 +3,14 @@
 ``write_visual_report`` writes, next to ``report.md``:
 
 - ``plots/roc_<ood set>.png``        ROC curve of every score on one OOD set (OOD positive);
-- ``plots/hist_<score>.png``         ID vs OOD score histograms, the calibrated threshold drawn;
+- ``plots/hist_<score>.png``         ID vs OOD score histograms, the calibrated threshold drawn, on a
+                                     log x axis when a positive score spans decades (max / median
+                                     > 100) and a symlog one when a signed score does;
 - ``plots/certificates.png``         certificate verdict counts per data set (when certified);
-- ``plots/examples.png``             example images, boxes coloured by the rule's flag: the worst
-                                     false alarms (ID boxes most above the thresholds) and the
-                                     worst misses (OOD boxes most below them) first;
+- ``plots/examples_<score>.png``     per score (the first MAX_EXAMPLE_GRIDS): example images, boxes
+                                     coloured by the rule's flag: that score's worst false alarms
+                                     (ID boxes it finds most OOD) and worst misses (OOD boxes it
+                                     finds most ID-like);
 - ``report.html``                    one file, every figure embedded as a base64 PNG, with the
                                      metrics tables.
 
@@ -20,9 +23,11 @@ Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas (no pyplot
 no global backend switch). Each figure is drawn on its own: one that fails is named in
 ``metrics["issues"]`` and the others, and every other output of the check, are still written.
 
-Example ranking ("how alarming is a box"): for every score, the box's margin over the score's
-threshold in units of the score's spread on ID test boxes, then the largest of those margins
-(for an ``or`` rule, positive exactly when some score is above its threshold).
+Example ranking, per score: a box's ID rank under that score alone, the share of ID test boxes
+with a value at or above it (an empirical p-value, comparable across scores; a margin in ID
+standard deviations combined by the largest let a heavy-tailed score such as Mahalanobis
+saturate it, so every example showed the same margin). The calibration set's values are not in
+what check passes to the plots, so the ID test boxes are the reference.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ EXAMPLES_PER_KIND = 4
 MAX_HISTOGRAMS = 16
 MAX_ROC_FIGURES = 16
 MAX_ROC_CURVES = 16
+MAX_EXAMPLE_GRIDS = 8
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,7 @@ class Example:
     dataset: str  # "id_test" or "ood/<name>"
     row: int  # row in per_set[dataset]["dets"]
     image_id: int
-    margin: float  # standardised margin over the thresholds (> 0: above)
+    margin: float  # the score's ID rank (id_rank): share of ID test boxes at or above it
 
 
 # ----------------------------------------------------------------------------- figures
@@ -107,26 +113,78 @@ def roc_figure(set_name: str, id_values: Mapping[str, np.ndarray], ood_values: M
     return fig
 
 
+def histogram_axis(values: np.ndarray, threshold: float | None = None, decades: float = 100.0) -> tuple[str, float]:
+    """The x axis a score's histogram needs, decided from the data: ``("log", 0)`` when every
+    value is positive and the range spans decades (max / median > ``decades``), ``("symlog", c)``
+    when values can be negative or zero and the magnitudes span decades (max |v| / median |v| >
+    ``decades``; linear within +-c, c = the median |v|), else ``("linear", 0)``.
+
+    >>> histogram_axis(np.array([1.0, 2.0, 3.0]))
+    ('linear', 0.0)
+    >>> histogram_axis(np.r_[np.ones(9), 1e4])
+    ('log', 0.0)
+    """
+    v = _np(values)
+    v = v[np.isfinite(v)]
+    if threshold is not None and np.isfinite(threshold):
+        v = np.r_[v, threshold]
+    if v.size < 2:
+        return "linear", 0.0
+    if v.min() > 0:
+        return ("log", 0.0) if v.max() / np.median(v) > decades else ("linear", 0.0)
+    mag = np.abs(v)
+    med = float(np.median(mag[mag > 0])) if (mag > 0).any() else 0.0
+    return ("symlog", med) if med > 0 and mag.max() / med > decades else ("linear", 0.0)
+
+
+def _bins(lo: float, hi: float, axis: str, linthresh: float, n: int = 40) -> np.ndarray:
+    """``n`` bins of equal width on the drawn axis."""
+    if hi <= lo:
+        hi = lo + (abs(lo) if axis == "log" and lo > 0 else 1.0)
+    if axis == "log":
+        return np.geomspace(lo, hi, n + 1)
+    if axis == "symlog":
+        from matplotlib.scale import SymmetricalLogTransform
+
+        forward = SymmetricalLogTransform(10, linthresh, 1.0)
+        a, b = forward.transform(np.array([lo, hi]))
+        return forward.inverted().transform(np.linspace(a, b, n + 1))
+    return np.linspace(lo, hi, n + 1)
+
+
 def histogram_figure(score_name: str, id_values: np.ndarray | None, ood_values: Mapping[str, np.ndarray],
                      threshold: float | None):
-    """Histograms of one score on ID and on each OOD set, with the calibrated threshold."""
+    """Histograms of one score on ID and on each OOD set, with the calibrated threshold, on the
+    x axis :func:`histogram_axis` picks from the values (named in the axis label)."""
     fig = _figure(5.6, 3.8)
     ax = fig.add_subplot()
     series = ([("ID test", _np(id_values))] if id_values is not None else []) + \
              [(f"OOD {k}", _np(v)) for k, v in ood_values.items()]
     series = [(label, v[np.isfinite(v)]) for label, v in series]
     everything = np.concatenate([v for _, v in series] + [np.zeros(0)])
+    drawn = threshold if threshold is not None and np.isfinite(threshold) else None
+    axis, linthresh = histogram_axis(everything, drawn) if everything.size else ("linear", 0.0)
     if everything.size:
         lo, hi = float(everything.min()), float(everything.max())
-        if threshold is not None and np.isfinite(threshold):
-            lo, hi = min(lo, threshold), max(hi, threshold)
-        bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 41)
+        if drawn is not None:
+            lo, hi = min(lo, drawn), max(hi, drawn)
+        bins = _bins(lo, hi, axis, linthresh)
         for label, v in series:
             if v.size:
-                ax.hist(v, bins=bins, density=True, alpha=0.45, label=f"{label} ({v.size})")
-    if threshold is not None and np.isfinite(threshold):
-        ax.axvline(threshold, color="black", ls="--", lw=1.2, label=f"threshold {threshold:.3g}")
-    ax.set(xlabel=f"{score_name} (higher = more OOD)", ylabel="density", title=f"{score_name}: ID vs OOD")
+                ax.hist(v, bins=bins, density=axis == "linear", alpha=0.45, label=f"{label} ({v.size})")
+    if drawn is not None:
+        ax.axvline(drawn, color="black", ls="--", lw=1.2, label=f"threshold {drawn:.3g}")
+    if axis == "log":
+        ax.set_xscale("log")
+        note = "log x axis"
+    elif axis == "symlog":
+        ax.set_xscale("symlog", linthresh=linthresh)
+        note = f"symlog x axis, linear within ±{linthresh:.3g}"
+    else:
+        note = "linear x axis"
+    ax.set(xlabel=f"{score_name} (higher = more OOD; {note})",
+           ylabel="density" if axis == "linear" else "boxes per bin (bins equal on this axis)",
+           title=f"{score_name}: ID vs OOD")
     ax.legend(fontsize=8)
     return fig
 
@@ -214,42 +272,49 @@ def examples_figure(panels: list[dict]):
 
 
 # ----------------------------------------------------------------------------- examples
-def box_margins(per_set: Mapping[str, Mapping], thresholds: Mapping[str, float]) -> dict[str, np.ndarray]:
-    """Per data set, each box's largest standardised margin over the score thresholds."""
-    scale = {}
-    for name in thresholds:
-        ref = per_set.get("id_test")
-        pool = [_np(ref["values"][name])] if ref is not None and name in ref["values"] else \
-            [_np(p["values"][name]) for p in per_set.values() if name in p["values"]]
-        v = np.concatenate(pool + [np.zeros(0)])
-        v = v[np.isfinite(v)]
-        s = float(v.std()) if v.size > 1 else 0.0
-        scale[name] = s if s > 0 else 1.0
-    out = {}
-    for set_name, part in per_set.items():
-        n = len(part["dets"])
-        margins = [(_np(part["values"][k]) - t) / scale[k] for k, t in thresholds.items() if k in part["values"]]
-        out[set_name] = np.max(np.stack(margins), axis=0) if margins and n else np.zeros(n)
-    return out
+def id_rank(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Each value's normalised margin under one score: the fraction of reference ID boxes whose
+    value is at or above it, ``(1 + #{ref >= v}) / (n + 1)`` (an empirical p-value: near 0 for a
+    box more OOD than every ID box, 1 for one below every ID box). Unlike a margin in standard
+    deviations it cannot saturate one score against another: it is a rank on every score.
+
+    >>> id_rank(np.array([0.0, 2.5, 9.0]), np.array([1.0, 2.0, 3.0]))
+    array([1.  , 0.5 , 0.25])
+    """
+    ref = np.sort(_np(reference)[np.isfinite(_np(reference))])
+    v = _np(values)
+    at_or_above = ref.size - np.searchsorted(ref, v, side="left")
+    out = (1.0 + at_or_above) / (ref.size + 1.0)
+    return np.where(np.isfinite(v), out, np.nan)
 
 
-def select_examples(per_set: Mapping[str, Mapping], thresholds: Mapping[str, float],
+def select_examples(per_set: Mapping[str, Mapping], score: str,
                     k: int = EXAMPLES_PER_KIND) -> list[Example]:
-    """The ``k`` worst false alarms (ID, highest margin) and ``k`` worst misses (OOD, lowest
-    margin), at most one per image, false alarms first."""
-    margins = box_margins(per_set, thresholds)
+    """For one score, the ``k`` worst false alarms (ID test boxes the score finds most OOD) and
+    the ``k`` worst misses (OOD boxes it finds most ID-like), at most one per image, false
+    alarms first. Ranked by :func:`id_rank` among the ID test boxes' values of that score (the
+    margin of each Example); ties by the raw value."""
+    ref = per_set.get("id_test")
+    reference = _np(ref["values"][score]) if ref is not None and score in ref["values"] else \
+        np.concatenate([_np(p["values"][score]) for p in per_set.values() if score in p["values"]] + [np.zeros(0)])
 
-    def pick(kind: str, names: list[str], descending: bool) -> list[Example]:
-        rows = [(float(m), name, i) for name in names for i, m in enumerate(margins[name])
-                if np.isfinite(m)]
-        rows.sort(key=lambda r: -r[0] if descending else r[0])
+    def pick(kind: str, names: list[str], alarm: bool) -> list[Example]:
+        rows = []
+        for name in names:
+            if score not in per_set[name]["values"]:
+                continue
+            raw = _np(per_set[name]["values"][score])
+            rows += [(float(p), float(x), name, i) for i, (p, x) in enumerate(zip(id_rank(raw, reference), raw))
+                     if np.isfinite(p)]
+        # false alarms: smallest p-value (most OOD), largest raw; misses: largest p-value, smallest raw
+        rows.sort(key=lambda r: (r[0], -r[1]) if alarm else (-r[0], r[1]))
         chosen, seen = [], set()
-        for m, name, i in rows:
+        for p, _, name, i in rows:
             image_id = int(per_set[name]["dets"].image_ids[i])
             if (name, image_id) in seen:
                 continue
             seen.add((name, image_id))
-            chosen.append(Example(kind, name, i, image_id, m))
+            chosen.append(Example(kind, name, i, image_id, p))
             if len(chosen) == k:
                 break
         return chosen
@@ -259,7 +324,7 @@ def select_examples(per_set: Mapping[str, Mapping], thresholds: Mapping[str, flo
     return pick("false alarm", ids, True) + pick("miss", ood, False)
 
 
-def _example_panels(examples: list[Example], per_set: Mapping[str, Mapping],
+def _example_panels(examples: list[Example], score: str, per_set: Mapping[str, Mapping],
                     image_paths: Callable[[str], Mapping[int, Path]], issues: list[str]) -> list[dict]:
     from certood.data.coco import read_image
 
@@ -284,7 +349,7 @@ def _example_panels(examples: list[Example], per_set: Mapping[str, Mapping],
         flag = bool(flags[ex.row])
         panels.append({
             "title": f"{ex.kind} ({'flagged' if flag else 'kept'}): {ex.dataset} image {ex.image_id}\n"
-                     f"margin {ex.margin:+.2f}",
+                     f"{score}: ID rank p = {ex.margin:.3g}",
             "image": image, "boxes": dets.boxes[rows].numpy(), "flags": flags[rows].numpy(), "focus": focus,
         })
     return panels
@@ -444,18 +509,25 @@ def _figure_jobs(metrics: Mapping, per_set: Mapping[str, Mapping],
         jobs.append((Plot("plots/certificates.png", "Certificate verdicts",
                           "certified_ood: the rule flags the whole region; certified_id: flags none of it."),
                      lambda: verdict_figure(certs)))
-    if thresholds and any(len(p["dets"]) for p in per_set.values()):
-        def examples():
-            chosen = select_examples(per_set, thresholds)
-            if not chosen:
-                return None
-            paths = image_paths or (lambda name: {})
-            return examples_figure(_example_panels(chosen, per_set, paths, issues))
-        jobs.append((Plot("plots/examples.png", "Examples: worst false alarms, then worst misses",
-                          "Red boxes are flagged by the rule, green ones kept; the thick box is the "
-                          "example. False alarms: ID boxes most above the thresholds; misses: OOD "
-                          "boxes most below them (margins in ID standard deviations)."),
-                     examples))
+    example_scores = [n for n in score_names if any(n in p["values"] for p in per_set.values())]
+    if any(len(p["dets"]) for p in per_set.values()):
+        left = _left_out("example grids (scores)", example_scores, MAX_EXAMPLE_GRIDS)
+        if left:
+            issues.append(left)
+        for name in example_scores[:MAX_EXAMPLE_GRIDS]:
+            def examples(n=name):
+                chosen = select_examples(per_set, n)
+                if not chosen:
+                    return None
+                paths = image_paths or (lambda _: {})
+                return examples_figure(_example_panels(chosen, n, per_set, paths, issues))
+            jobs.append((Plot(f"plots/examples_{_slug(name)}.png", f"Examples by {name}: worst false alarms, "
+                              "then worst misses",
+                              f"Red boxes are flagged by the rule, green ones kept; the thick box is the example. "
+                              f"Ranked by {name} alone: p = share of ID test boxes with {name} at or above the "
+                              f"box's (false alarms: the ID boxes with the smallest p; misses: the OOD boxes "
+                              f"with the largest p)."),
+                         examples))
     return jobs
 
 

@@ -205,7 +205,7 @@ def test_run_check_writes_the_html_report_and_the_figures(checked):
     plots = result.metrics["plots"]
     files = {p["file"] for p in plots}
     assert {"plots/roc_near.png", "plots/roc_far.png", "plots/hist_energy.png", "plots/hist_maha.png",
-            "plots/examples.png"} <= files
+            "plots/examples_energy.png", "plots/examples_maha.png"} <= files
     assert not [m for m in result.issues if m.startswith("plots:")]
     for f in files:
         with Image.open(out / f) as im:

@@ -87,7 +87,8 @@ def test_every_figure_is_written_decodes_and_is_embedded_in_the_html(tmp_path, p
     written = plots.write_visual_report(tmp_path, metrics, per_set, image_paths=image_paths)
     files = sorted(p.file for p in written)
     assert files == sorted(["plots/roc_near.png", "plots/roc_far.png", "plots/hist_energy.png",
-                            "plots/hist_maha.png", "plots/certificates.png", "plots/examples.png"])
+                            "plots/hist_maha.png", "plots/certificates.png", "plots/examples_energy.png",
+                            "plots/examples_maha.png"])
     assert metrics["plots"] == [p.to_dict() for p in written] and metrics["issues"] == []
     for f in files:
         with Image.open(tmp_path / f) as im:
@@ -106,25 +107,61 @@ def test_every_figure_is_written_decodes_and_is_embedded_in_the_html(tmp_path, p
     assert "0.710" in text and "certified_id" in text and "12" in text
 
 
-def test_examples_rank_worst_false_alarms_then_worst_misses(per_set, metrics):
-    thresholds = metrics["monitor"]["thresholds"]
-    chosen = plots.select_examples(per_set, thresholds, k=3)
-    margins = plots.box_margins(per_set, thresholds)
+def test_examples_rank_worst_false_alarms_then_worst_misses_by_each_scores_id_rank(per_set):
+    chosen = plots.select_examples(per_set, "maha", k=3)
     alarms = [e for e in chosen if e.kind == "false alarm"]
     misses = [e for e in chosen if e.kind == "miss"]
     assert chosen == alarms + misses and len(alarms) == 3 and len(misses) == 3
     assert {e.dataset for e in alarms} == {"id_test"} and all(e.dataset.startswith("ood/") for e in misses)
-    assert alarms[0].margin == pytest.approx(float(margins["id_test"].max()))
-    lowest_ood = min(float(margins[n].min()) for n in ("ood/near", "ood/far"))
-    assert misses[0].margin == pytest.approx(lowest_ood)
-    assert [e.margin for e in alarms] == sorted((e.margin for e in alarms), reverse=True)
-    assert [e.margin for e in misses] == sorted(e.margin for e in misses)
+    ref = per_set["id_test"]["values"]["maha"].double().numpy()
+
+    def p_value(e):  # share of ID test boxes at or above, +1 smoothed
+        x = float(per_set[e.dataset]["values"]["maha"][e.row])
+        return (1 + int((ref >= x).sum())) / (len(ref) + 1)
+
+    assert all(e.margin == pytest.approx(p_value(e), rel=1e-12) for e in chosen)
+    assert alarms[0].margin == pytest.approx(2 / 21)  # the largest ID value: itself at or above, +1
+    ood_maha = {n: per_set[n]["values"]["maha"] for n in ("ood/near", "ood/far")}
+    lowest = min((float(v.min()), n) for n, v in ood_maha.items())
+    first = misses[0]
+    assert (float(per_set[first.dataset]["values"]["maha"][first.row]), first.dataset) == lowest
+    assert [e.margin for e in alarms] == sorted(e.margin for e in alarms)
+    assert [e.margin for e in misses] == sorted((e.margin for e in misses), reverse=True)
     assert len({(e.dataset, e.image_id) for e in chosen}) == len(chosen)  # one per image
-    # the margin is the largest standardised excess over the thresholds
-    row = alarms[0].row
-    std = {k: float(per_set["id_test"]["values"][k].double().std(unbiased=False)) for k in thresholds}
-    expected = max((float(per_set["id_test"]["values"][k][row]) - t) / std[k] for k, t in thresholds.items())
-    assert alarms[0].margin == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_saturating_score_does_not_pick_every_scores_examples(per_set):
+    """Mahalanobis on OOD near 1e4 while energy stays ID-like: the old combined margin (the
+    largest excess in ID standard deviations) ranked every box by maha; each score's grid now
+    shows the boxes that score finds most ID-like."""
+    for name in ("ood/near", "ood/far"):
+        per_set[name]["values"]["maha"] = torch.linspace(1e3, 4e4, 20)
+        per_set[name]["values"]["energy"] = torch.linspace(-3.0, 3.0, 20).flip(0)
+    by_energy = [e for e in plots.select_examples(per_set, "energy") if e.kind == "miss"]
+    by_maha = [e for e in plots.select_examples(per_set, "maha") if e.kind == "miss"]
+    assert {e.row for e in by_energy} >= {19} and by_energy[0].row == 19  # lowest energy: the last row
+    assert by_maha[0].row == 0  # lowest maha: the first row
+    assert all(e.margin == pytest.approx(1 / 21) for e in by_maha)  # above every ID box: p = 1/(n+1)
+    assert by_energy[0].margin > 0.5  # energy finds it ID-like
+
+
+def test_histogram_axis_follows_the_data():
+    rng = np.random.default_rng(0)
+    maha = np.r_[rng.gamma(4.0, 60.0, 500), 4e4]  # median ~ 230, a spike at 40,000
+    assert plots.histogram_axis(maha) == ("log", 0.0)
+    assert plots.histogram_axis(rng.normal(size=500))[0] == "linear"
+    signed = np.r_[rng.normal(size=500), -3e3, 5e3]
+    axis, linthresh = plots.histogram_axis(signed)
+    assert axis == "symlog" and linthresh == pytest.approx(float(np.median(np.abs(signed))))
+    assert plots.histogram_axis(np.r_[np.ones(10), 50.0], threshold=1e4) == ("log", 0.0)  # the threshold counts
+    fig = plots.histogram_figure("maha", maha, {"far": maha * 3}, threshold=900.0)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and "log x axis" in ax.get_xlabel()
+    edges = sorted({round(float(p.get_x()), 6) for p in ax.patches if p.get_width() > 0})
+    assert np.allclose(np.diff(np.log(edges[:5])), np.log(edges[1] / edges[0]), rtol=1e-4)  # equal on log
+    fig = plots.histogram_figure("energy", signed, {}, threshold=1.0)
+    assert fig.axes[0].get_xscale() == "symlog" and "symlog x axis" in fig.axes[0].get_xlabel()
+    assert plots.histogram_figure("e", rng.normal(size=50), {}, 0.5).axes[0].get_xscale() == "linear"
 
 
 def test_a_failing_figure_is_an_issue_and_the_others_are_written(tmp_path, per_set, metrics, monkeypatch):
@@ -134,17 +171,17 @@ def test_a_failing_figure_is_an_issue_and_the_others_are_written(tmp_path, per_s
     monkeypatch.setattr(plots, "roc_figure", broken)
     written = plots.write_visual_report(tmp_path, metrics, per_set)  # no images: grey panels
     assert not (tmp_path / "plots" / "roc_near.png").exists()
-    assert (tmp_path / "plots" / "hist_energy.png").is_file() and (tmp_path / "plots" / "examples.png").is_file()
+    assert (tmp_path / "plots" / "hist_energy.png").is_file() and (tmp_path / "plots" / "examples_maha.png").is_file()
     failed = [m for m in metrics["issues"] if "no ink" in m]
     assert len(failed) == 2 and all(m.startswith("plots: plots/roc_") for m in failed)
     html = (tmp_path / "report.html").read_text()
-    assert len(_parse(html).sources) == len(written) == 3 and "no ink" in html
+    assert len(_parse(html).sources) == len(written) == 4 and "no ink" in html
 
 
 def test_unreadable_example_images_are_reported(tmp_path, per_set, metrics):
     missing = {i: tmp_path / f"absent{i}.png" for i in range(4)}
     plots.write_visual_report(tmp_path, metrics, per_set, image_paths=lambda name: missing)
-    assert (tmp_path / "plots" / "examples.png").is_file()
+    assert (tmp_path / "plots" / "examples_energy.png").is_file()
     assert any("absent" in m and "not found" in m for m in metrics["issues"])
 
 
@@ -200,6 +237,7 @@ def test_figures_are_capped_and_what_is_left_out_is_named(tmp_path, monkeypatch)
     drawn = {"roc": [], "hist": []}
     monkeypatch.setattr(plots, "roc_figure", lambda s, i, o, a: drawn["roc"].append((s, list(i))))
     monkeypatch.setattr(plots, "histogram_figure", lambda n, i, o, t: drawn["hist"].append(n))
+    monkeypatch.setattr(plots, "examples_figure", lambda panels: drawn.setdefault("examples", []).append(panels))
     for _, make in plots._figure_jobs(metrics, per_set, None, metrics["issues"]):
         make()
     assert drawn["hist"] == names[:plots.MAX_HISTOGRAMS]
@@ -211,7 +249,10 @@ def test_figures_are_capped_and_what_is_left_out_is_named(tmp_path, monkeypatch)
         f"and 19 more",
         f"plots: score histograms drawn for the first 16 of {n_scores}; not drawn: s16, s17, s18, s19, s20 "
         f"and 19 more",
+        f"plots: example grids (scores) drawn for the first 8 of {n_scores}; not drawn: s8, s9, s10, s11, s12 "
+        f"and 27 more",
     ]
+    assert len(drawn["examples"]) == plots.MAX_EXAMPLE_GRIDS
 
 
 def test_plot_helpers_doctests():
